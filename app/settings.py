@@ -1,0 +1,95 @@
+"""Service settings, read from the environment with embedded defaults that are safe to run."""
+
+from __future__ import annotations
+
+from functools import cached_property
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+GOOGLE_CERTS_URL = "https://www.googleapis.com/robot/v1/metadata/x509/securetoken@system.gserviceaccount.com"
+ALL_SERVICES = ("auth", "users")
+
+
+def _split_list(value: object) -> object:
+    """Accept comma-separated lists in environment variables."""
+    if isinstance(value, str):
+        return [item.strip() for item in value.split(",") if item.strip()]
+    return value
+
+
+class Settings(BaseSettings):
+    """Every setting of the service. Environment variables use the upper-case field name."""
+
+    model_config = SettingsConfigDict(env_file=None, extra="ignore", frozen=True)
+
+    app_env: Literal["development", "test", "production"] = "development"
+    host: str = "127.0.0.1"
+    port: int = Field(default=8080, ge=0, le=65535)
+    # uvicorn serves HTTP/1.1 and h2c on one port; pyvoy is the alternative.
+    server: Literal["uvicorn", "pyvoy"] = "uvicorn"
+    enabled_services: Annotated[list[str], NoDecode] = Field(default_factory=lambda: list(ALL_SERVICES))
+
+    # SQLite under ./var/ by default; postgresql+asyncpg://... for Postgres.
+    database_url: str = "sqlite+aiosqlite:///./var/functions.db"
+    database_pool_size: int = Field(default=10, ge=1)
+    database_max_overflow: int = Field(default=10, ge=0)
+    database_pool_timeout_seconds: float = Field(default=5.0, gt=0)
+    # Set for URLs through a transaction-mode pooler (PgBouncer, Supabase port 6543)
+    # when the port alone does not tell; prepared-statement caches are then off.
+    database_pooler: bool = False
+
+    firebase_project_id: str = "functions-dev"
+    # Empty means the local development key pair under dev_keys_dir.
+    firebase_certs_url: str = ""
+    firebase_auth_emulator_host: str = ""
+    auth_clock_skew_seconds: int = Field(default=5, ge=0, le=300)
+    auth_certs_timeout_seconds: float = Field(default=2.0, gt=0)
+    # Ask Firebase whether the token was revoked or the user disabled on every new token.
+    auth_check_revoked: bool = False
+    dev_keys_dir: Path = Path("var/dev-keys")
+
+    cors_allowed_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    max_request_bytes: int = Field(default=1024 * 1024, ge=1024)
+
+    log_level: str = "INFO"
+    log_format: Literal["json", "text"] = "text"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _split_lists(cls, data: object) -> object:
+        if isinstance(data, dict):
+            for key in ("enabled_services", "cors_allowed_origins"):
+                for name in (key, key.upper()):
+                    if name in data:
+                        data[name] = _split_list(data[name])
+        return data
+
+    @model_validator(mode="after")
+    def _check(self) -> Settings:
+        unknown = sorted(set(self.enabled_services) - set(ALL_SERVICES))
+        if unknown:
+            raise ValueError(f"ENABLED_SERVICES has unknown services {unknown}: known are {list(ALL_SERVICES)}")
+        if self.app_env == "production":
+            if self.firebase_auth_emulator_host:
+                raise ValueError("FIREBASE_AUTH_EMULATOR_HOST must be empty when APP_ENV=production: emulator tokens are unsigned")
+            if self.firebase_certs_url != GOOGLE_CERTS_URL:
+                raise ValueError(f"FIREBASE_CERTS_URL must be {GOOGLE_CERTS_URL} when APP_ENV=production: got {self.firebase_certs_url!r}")
+        return self
+
+    @cached_property
+    def dev_certs_url(self) -> str:
+        """Return the file:// URL of the development certificates."""
+        return (self.dev_keys_dir.resolve() / "certs.json").as_uri()
+
+    @property
+    def effective_certs_url(self) -> str:
+        """Return the certificate source in use: the setting, else the development key pair."""
+        return self.firebase_certs_url or self.dev_certs_url
+
+    @property
+    def uses_dev_keys(self) -> bool:
+        """Return whether tokens are verified against the local development key pair."""
+        return not self.firebase_certs_url
