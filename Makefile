@@ -1,0 +1,60 @@
+# `make run` serves on the embedded defaults; `make test` runs the whole suite.
+# Both install what they need first: a virtualenv in .venv and the pinned npm tools.
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+INSTALLED := $(VENV)/.installed
+NODE_INSTALLED := node_modules/.installed
+PORT ?= 8080
+
+# Postgres runs are included when a server answers on 127.0.0.1:5432 (CI sets this explicitly).
+TEST_POSTGRES_URL ?= $(shell pg_isready -q -h 127.0.0.1 -p 5432 2>/dev/null && echo postgresql+asyncpg://postgres@127.0.0.1:5432/test)
+export TEST_POSTGRES_URL
+
+.PHONY: run test install generate lint-proto migrate bench
+
+install: $(INSTALLED) $(NODE_INSTALLED)
+
+$(INSTALLED): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e ".[dev]"
+	touch $@
+
+$(NODE_INSTALLED): package.json package-lock.json
+	CI=true npm ci --omit=optional --no-audit --no-fund --loglevel=error
+	touch $@
+
+# PgBouncer (Debian package) reproduces Supabase's transaction pooler in the tests.
+pgbouncer:
+	@command -v pgbouncer >/dev/null 2>&1 || test -x /usr/sbin/pgbouncer || \
+		{ test "$$(id -u)" = 0 && apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq pgbouncer >/dev/null; } || \
+		echo "pgbouncer is not installed and cannot be installed here: its tests will be skipped"
+
+run: install
+	$(BIN)/python -m app migrate
+	@token=$$($(BIN)/python -m app dev-token --uid alice --email alice@example.com --role admin --lifetime 86400); \
+	echo; \
+	echo "Development token for uid alice (admin), valid 24 h:"; \
+	echo "  export TOKEN=$$token"; \
+	echo "Try:"; \
+	echo "  curl -H 'content-type: application/json' -H \"authorization: Bearer \$$TOKEN\" -d '{}' http://127.0.0.1:$(PORT)/functions.user.v1.UserService/GetMe"; \
+	echo
+	$(BIN)/python -m app serve --port $(PORT)
+
+test: install pgbouncer
+	node_modules/.bin/buf lint
+	$(BIN)/python -m pytest
+
+generate: install
+	$(BIN)/python scripts/generate.py
+
+lint-proto: $(NODE_INSTALLED)
+	node_modules/.bin/buf lint
+
+migrate: install
+	$(BIN)/python -m app migrate
+
+bench: install
+	$(BIN)/python loadtests/bench.py

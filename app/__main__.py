@@ -1,0 +1,97 @@
+"""Command line: `python -m app serve | migrate | dev-token`."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import shutil
+import sys
+
+from app.settings import Settings
+
+
+def serve(settings: Settings, args: argparse.Namespace) -> None:
+    """Serve HTTP/1.1 and h2c on one port with the configured server."""
+    host = args.host or settings.host
+    port = args.port if args.port is not None else settings.port
+    server = args.server or settings.server
+
+    if server == "pyvoy":
+        pyvoy = shutil.which("pyvoy", path=os.path.dirname(sys.executable)) or shutil.which("pyvoy")
+        if pyvoy is None:
+            raise SystemExit("pyvoy is not installed: pip install pyvoy, or use --server uvicorn")
+        os.execv(pyvoy, [pyvoy, "app.asgi:app", "--address", host, "--port", str(port), "--log-level", "warning"])
+
+    import uvicorn
+
+    config = uvicorn.Config(
+        "app.main:create_app",
+        factory=True,
+        host=host,
+        port=port,
+        # zttp speaks HTTP/1.1 and, with http2, h2c with ASGI trailers, which native gRPC needs.
+        http="zttp",
+        http2=True,
+        lifespan="on",
+        log_config=None,
+        timeout_graceful_shutdown=args.grace_seconds,
+    )
+    uvicorn.Server(config).run()
+
+
+def migrate(settings: Settings, args: argparse.Namespace) -> None:
+    """Apply every pending database migration."""
+    from app.platform.db import migrate as run_migrations
+
+    asyncio.run(run_migrations(settings))
+    print(f"database at {settings.database_url.split('@')[-1]} is up to date")
+
+
+def dev_token(settings: Settings, args: argparse.Namespace) -> None:
+    """Print an ID token signed by the local development key pair."""
+    from app.platform.auth import ensure_dev_keys, mint_token
+
+    if not settings.uses_dev_keys:
+        raise SystemExit("dev-token needs the development key pair: unset FIREBASE_CERTS_URL")
+    keys = ensure_dev_keys(settings.dev_keys_dir)
+    token = mint_token(
+        keys,
+        project_id=settings.firebase_project_id,
+        uid=args.uid,
+        email=args.email,
+        roles=args.role or [],
+        lifetime_seconds=args.lifetime,
+    )
+    print(token)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m app", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve_parser = commands.add_parser("serve", help="serve every enabled service")
+    serve_parser.add_argument("--host", help="address to listen on (default: HOST or 127.0.0.1)")
+    serve_parser.add_argument("--port", type=int, help="port to listen on (default: PORT or 8080)")
+    serve_parser.add_argument("--server", choices=["uvicorn", "pyvoy"], help="ASGI server (default: SERVER or uvicorn)")
+    serve_parser.add_argument(
+        "--grace-seconds", type=int, default=20, help="seconds in-flight calls get to finish after SIGTERM (default: 20)"
+    )
+    serve_parser.set_defaults(run=serve)
+
+    migrate_parser = commands.add_parser("migrate", help="apply pending database migrations")
+    migrate_parser.set_defaults(run=migrate)
+
+    token_parser = commands.add_parser("dev-token", help="print a development ID token the dev server accepts")
+    token_parser.add_argument("--uid", required=True, help="Firebase uid of the token's subject")
+    token_parser.add_argument("--email", help="email claim")
+    token_parser.add_argument("--role", action="append", help="role for the roles custom claim; repeatable")
+    token_parser.add_argument("--lifetime", type=int, default=3600, help="seconds until the token expires (default: 3600)")
+    token_parser.set_defaults(run=dev_token)
+
+    args = parser.parse_args(argv)
+    args.run(Settings(), args)
+
+
+if __name__ == "__main__":
+    main()

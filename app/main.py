@@ -1,0 +1,131 @@
+"""Build the ASGI application: every enabled domain service behind the shared middleware."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.routing import Mount, Route
+
+from app.platform.auth import CertificateSource, FirebaseTokenVerifier, ensure_dev_keys
+from app.platform.codecs import server_codecs
+from app.platform.db import Database
+from app.platform.health import HealthASGIApplication, HealthService, healthz, readyz_endpoint
+from app.platform.interceptors import service_interceptors
+from app.platform.logs import configure_logging
+from app.platform.middleware import (
+    AuthMiddleware,
+    CORSMiddleware,
+    GrpcWebTextMiddleware,
+    NotFoundApp,
+    RequestContextMiddleware,
+)
+from app.platform.reflection import reflection_apps
+from app.settings import Settings
+
+log = logging.getLogger(__name__)
+
+READINESS_TIMEOUT_SECONDS = 2.0
+
+
+def build_verifier(settings: Settings) -> tuple[FirebaseTokenVerifier, CertificateSource | None]:
+    """Create the ID token verifier for the configured certificate source or emulator."""
+    if settings.firebase_auth_emulator_host:
+        verifier = FirebaseTokenVerifier(
+            project_id=settings.firebase_project_id,
+            certificates=None,
+            clock_skew_seconds=settings.auth_clock_skew_seconds,
+            emulator=True,
+        )
+        return verifier, None
+
+    if settings.uses_dev_keys:
+        ensure_dev_keys(settings.dev_keys_dir)
+    certificates = CertificateSource(settings.effective_certs_url, timeout_seconds=settings.auth_certs_timeout_seconds)
+    verifier = FirebaseTokenVerifier(
+        project_id=settings.firebase_project_id,
+        certificates=certificates,
+        clock_skew_seconds=settings.auth_clock_skew_seconds,
+    )
+    return verifier, certificates
+
+
+def build_services(settings: Settings, database: Database) -> list:
+    """Create the connectrpc application of every enabled domain."""
+    options = {
+        "interceptors": service_interceptors(),
+        "read_max_bytes": settings.max_request_bytes,
+        "codecs": server_codecs(),
+    }
+    services = []
+    if "auth" in settings.enabled_services:
+        from functions.auth.v1.auth_connect import AuthServiceASGIApplication
+
+        from app.auth.handler import AuthHandler
+
+        services.append(AuthServiceASGIApplication(AuthHandler(settings), **options))
+    if "users" in settings.enabled_services:
+        from functions.user.v1.user_connect import UserServiceASGIApplication
+
+        from app.users.handler import UserHandler
+
+        services.append(UserServiceASGIApplication(UserHandler(database), **options))
+    return services
+
+
+def create_app(settings: Settings | None = None) -> Starlette:
+    """Build the Starlette application serving every enabled service on every protocol."""
+    settings = settings or Settings()
+    configure_logging(settings)
+    database = Database.from_settings(settings)
+    verifier, certificates = build_verifier(settings)
+
+    async def is_ready() -> bool:
+        try:
+            await asyncio.wait_for(database.ping(), READINESS_TIMEOUT_SECONDS)
+        except Exception as error:  # noqa: BLE001 - any failure means not ready
+            log.warning("readiness check failed: %s", type(error).__name__)
+            return False
+        return True
+
+    services = build_services(settings, database)
+    service_names = [app.path.strip("/") for app in services]
+    health = HealthService(service_names, is_ready)
+    platform_options = {"interceptors": service_interceptors(), "codecs": server_codecs()}
+    rpc_apps = [
+        *services,
+        HealthASGIApplication(health, **platform_options),
+        *reflection_apps([*service_names, "grpc.health.v1.Health"], **platform_options),
+    ]
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        log.info("serving %s", ", ".join(service_names), extra={"services": service_names})
+        yield
+        health.shutting_down.set()
+        if certificates is not None:
+            await certificates.aclose()
+        await database.dispose()
+        log.info("stopped")
+
+    routes = [
+        Route("/healthz", healthz, methods=["GET", "HEAD"]),
+        Route("/readyz", readyz_endpoint(is_ready), methods=["GET", "HEAD"]),
+        *(Mount(app.path, app) for app in rpc_apps),
+    ]
+    middleware = [
+        Middleware(RequestContextMiddleware),
+        Middleware(CORSMiddleware, allowed_origins=settings.cors_allowed_origins),
+        Middleware(GrpcWebTextMiddleware),
+        Middleware(AuthMiddleware, verifier=verifier),
+    ]
+    app = Starlette(routes=routes, middleware=middleware, lifespan=lifespan)
+    app.router.default = NotFoundApp()
+    app.state.settings = settings
+    app.state.database = database
+    app.state.health = health
+    return app

@@ -1,0 +1,324 @@
+"""Pure ASGI middleware shared by every service: request context, CORS, gRPC-Web text, auth.
+
+These are plain ASGI callables, not Starlette's BaseHTTPMiddleware, which runs the app in
+another task (so contextvars set inside never reach the outer layers) and buffers streams.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import logging
+import re
+import time
+import uuid
+
+from connectrpc.code import Code
+
+from app.platform.context import Principal, auth_error_var, principal_var, request_id_var
+from app.platform.errors import ServiceError, Unauthenticated, Unavailable
+from app.platform.wire import detect_protocol, header, send_error
+
+log = logging.getLogger(__name__)
+access_log = logging.getLogger("app.access")
+
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{8,128}$")
+_QUIET_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
+
+
+class RequestContextMiddleware:
+    """Assign the request id, return it in `x-request-id`, and log one line per request."""
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        incoming = header(scope, b"x-request-id")
+        request_id = incoming if _REQUEST_ID.match(incoming) else uuid.uuid4().hex
+        request_id_token = request_id_var.set(request_id)
+        # A fresh principal per request: the auth middleware sets it further in,
+        # and this layer reads it back for the log line.
+        principal_token = principal_var.set(None)
+        auth_error_token = auth_error_var.set(None)
+        outcome = {"status": 0, "grpc_status": ""}
+        started = time.perf_counter()
+
+        async def send_with_request_id(message) -> None:
+            if message["type"] == "http.response.start":
+                outcome["status"] = message["status"]
+                headers = list(message.get("headers", ()))
+                headers.append((b"x-request-id", request_id.encode()))
+                outcome["grpc_status"] = _grpc_status(headers) or outcome["grpc_status"]
+                message = {**message, "headers": headers}
+            elif message["type"] == "http.response.trailers":
+                outcome["grpc_status"] = _grpc_status(message.get("headers", ())) or outcome["grpc_status"]
+            elif message["type"] == "http.response.body" and not message.get("more_body", False):
+                # gRPC-Web carries its status in a trailer frame inside the body.
+                outcome["grpc_status"] = outcome["grpc_status"] or _grpc_web_status(message.get("body", b""))
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_request_id)
+        finally:
+            self._log(scope, outcome, time.perf_counter() - started)
+            auth_error_var.reset(auth_error_token)
+            principal_var.reset(principal_token)
+            request_id_var.reset(request_id_token)
+
+    @staticmethod
+    def _log(scope, outcome: dict, seconds: float) -> None:
+        path = scope["path"]
+        level = logging.DEBUG if path in _QUIET_PATHS or scope["method"] == "OPTIONS" else logging.INFO
+        if not access_log.isEnabledFor(level):
+            return
+        principal = principal_var.get()
+        access_log.log(
+            level,
+            "%s %s %s",
+            scope["method"],
+            path,
+            outcome["grpc_status"] or outcome["status"],
+            extra={
+                "rpc_method": path,
+                "protocol": detect_protocol(scope).value,
+                "http_status": outcome["status"],
+                "grpc_status": outcome["grpc_status"],
+                "duration_ms": round(seconds * 1000, 2),
+                "uid": principal.uid if principal else None,
+            },
+        )
+
+
+def _grpc_status(headers) -> str:
+    for key, value in headers:
+        if key == b"grpc-status":
+            return value.decode()
+    return ""
+
+
+def _grpc_web_status(body: bytes) -> str:
+    # A gRPC-Web trailer frame starts with flag 0x80 and holds "grpc-status: N".
+    marker = body.rfind(b"grpc-status:")
+    if marker < 0:
+        return ""
+    line = body[marker + len(b"grpc-status:") :].split(b"\r\n", 1)[0]
+    return line.strip().decode(errors="replace")
+
+
+# Request headers that Connect-Web and gRPC-Web clients send, for preflight replies.
+CORS_ALLOWED_HEADERS = (
+    "authorization",
+    "content-type",
+    "accept-encoding",
+    "content-encoding",
+    "connect-protocol-version",
+    "connect-timeout-ms",
+    "connect-accept-encoding",
+    "connect-content-encoding",
+    "grpc-timeout",
+    "grpc-accept-encoding",
+    "grpc-encoding",
+    "x-grpc-web",
+    "x-user-agent",
+    "x-request-id",
+    "traceparent",
+    "tracestate",
+)
+# Response headers that browser code must be able to read.
+CORS_EXPOSED_HEADERS = (
+    "grpc-status",
+    "grpc-message",
+    "grpc-status-details-bin",
+    "x-request-id",
+    "retry-after",
+    "content-encoding",
+    "connect-content-encoding",
+)
+CORS_MAX_AGE_SECONDS = 7200
+
+
+class CORSMiddleware:
+    """Answer CORS preflights before auth and rate limits, and mark replies to allowed origins."""
+
+    def __init__(self, app, allowed_origins: list[str]) -> None:
+        self.app = app
+        self.allowed_origins = frozenset(allowed_origins)
+        self.allow_any = "*" in self.allowed_origins
+
+    def is_allowed_origin(self, origin: str) -> bool:
+        return self.allow_any or origin in self.allowed_origins
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        origin = header(scope, b"origin")
+        if not origin:
+            await self.app(scope, receive, send)
+            return
+
+        is_preflight = scope["method"] == "OPTIONS" and header(scope, b"access-control-request-method")
+        if is_preflight:
+            await self._preflight(scope, send, origin)
+            return
+
+        if not self.is_allowed_origin(origin):
+            await self.app(scope, receive, send)
+            return
+
+        cors_headers = [
+            (b"access-control-allow-origin", origin.encode()),
+            (b"access-control-expose-headers", ", ".join(CORS_EXPOSED_HEADERS).encode()),
+            (b"vary", b"Origin"),
+        ]
+
+        async def send_with_cors(message) -> None:
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", ()), *cors_headers]}
+            await send(message)
+
+        await self.app(scope, receive, send_with_cors)
+
+    async def _preflight(self, scope, send, origin: str) -> None:
+        if not self.is_allowed_origin(origin):
+            # No CORS headers: the browser blocks the call that would follow.
+            await send({"type": "http.response.start", "status": 403, "headers": [(b"vary", b"Origin")]})
+            await send({"type": "http.response.body", "body": b""})
+            return
+
+        headers = [
+            (b"access-control-allow-origin", origin.encode()),
+            (b"access-control-allow-methods", b"GET, POST"),
+            (b"access-control-allow-headers", ", ".join(CORS_ALLOWED_HEADERS).encode()),
+            (b"access-control-max-age", str(CORS_MAX_AGE_SECONDS).encode()),
+            (b"vary", b"Origin, Access-Control-Request-Method, Access-Control-Request-Headers"),
+        ]
+        await send({"type": "http.response.start", "status": 204, "headers": headers})
+        await send({"type": "http.response.body", "body": b""})
+
+
+class GrpcWebTextMiddleware:
+    """Serve `application/grpc-web-text` by translating it to and from binary gRPC-Web.
+
+    connectrpc speaks binary gRPC-Web only. The text variant, used by grpc-web
+    clients in `grpcwebtext` mode, is the same frames in base64.
+    """
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        content_type = header(scope, b"content-type").lower()
+        if scope["type"] != "http" or not content_type.startswith("application/grpc-web-text"):
+            await self.app(scope, receive, send)
+            return
+
+        codec_suffix = content_type.removeprefix("application/grpc-web-text")
+        binary_type = f"application/grpc-web{codec_suffix or '+proto'}".encode()
+        text_type = f"application/grpc-web-text{codec_suffix or '+proto'}".encode()
+        headers = [(k, binary_type if k == b"content-type" else v) for k, v in scope["headers"]]
+        inner_scope = {**scope, "headers": headers}
+        pending_in = bytearray()
+        pending_out = bytearray()
+
+        async def receive_decoded():
+            message = await receive()
+            if message["type"] != "http.request":
+                return message
+            pending_in.extend(message.get("body", b"").translate(None, b" \r\n\t"))
+            more = message.get("more_body", False)
+            # Decode whole 4-character groups; padded groups may appear mid-stream.
+            usable = len(pending_in) if not more else len(pending_in) - len(pending_in) % 4
+            chunk, pending_in[:] = bytes(pending_in[:usable]), pending_in[usable:]
+            try:
+                decoded = _decode_base64_segments(chunk)
+            except binascii.Error:
+                # The binary reader reports a malformed frame with the protocol's status.
+                decoded = b"\xff"
+            return {**message, "body": decoded}
+
+        async def send_encoded(message) -> None:
+            if message["type"] == "http.response.start":
+                out_headers = [
+                    (k, text_type if k == b"content-type" and v.startswith(b"application/grpc-web") else v)
+                    for k, v in message.get("headers", ())
+                    if k != b"content-length"
+                ]
+                await send({**message, "headers": out_headers})
+                return
+            if message["type"] == "http.response.body":
+                pending_out.extend(message.get("body", b""))
+                more = message.get("more_body", False)
+                usable = len(pending_out) if not more else len(pending_out) - len(pending_out) % 3
+                chunk, pending_out[:] = bytes(pending_out[:usable]), pending_out[usable:]
+                await send({**message, "body": base64.b64encode(chunk)})
+                return
+            await send(message)
+
+        await self.app(inner_scope, receive_decoded, send_encoded)
+
+
+def _decode_base64_segments(data: bytes) -> bytes:
+    """Decode base64 that may be several padded segments one after another."""
+    out = bytearray()
+    start = 0
+    for index in range(0, len(data), 4):
+        group = data[index : index + 4]
+        if group.endswith(b"="):
+            out += base64.b64decode(data[start : index + 4], validate=True)
+            start = index + 4
+    out += base64.b64decode(data[start:], validate=True)
+    return bytes(out)
+
+
+class AuthMiddleware:
+    """Verify the Bearer token of each request and put the principal in a contextvar.
+
+    This layer never rejects a call: the authorization interceptor does, once it
+    knows the method's policy, so public methods answer with or without a token.
+    """
+
+    def __init__(self, app, verifier) -> None:
+        self.app = app
+        self.verifier = verifier
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http" and scope["method"] != "OPTIONS":
+            authorization = header(scope, b"authorization")
+            if authorization:
+                await self._authenticate(authorization)
+        await self.app(scope, receive, send)
+
+    async def _authenticate(self, authorization: str) -> None:
+        scheme, _, token = authorization.partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            auth_error_var.set(
+                Unauthenticated(
+                    "authorization header must be 'Bearer <Firebase ID token>'", reason="MALFORMED_AUTHORIZATION"
+                )
+            )
+            return
+        try:
+            principal: Principal = await self.verifier.verify(token.strip())
+        except ServiceError as error:
+            auth_error_var.set(error)
+            return
+        except Exception:
+            log.exception("token verification failed unexpectedly")
+            auth_error_var.set(Unavailable("authentication is temporarily unavailable; retry later"))
+            return
+        principal_var.set(principal)
+
+
+class NotFoundApp:
+    """Reply to paths that no service serves, in the caller's protocol."""
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return
+        await send_error(scope, send, Code.UNIMPLEMENTED, f"no service serves {scope['path']}", reason="UNKNOWN_METHOD")
