@@ -77,6 +77,20 @@ def build_services(settings: Settings, database: Database) -> list:
     return services
 
 
+class RawBenchmarkMiddleware:
+    """Answer /bench/raw before any other layer: the baseline loadtests/bench.py compares RPCs with."""
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http" and scope["path"] == "/bench/raw":
+            await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/plain")]})
+            await send({"type": "http.response.body", "body": b"ok"})
+            return
+        await self.app(scope, receive, send)
+
+
 def create_app(settings: Settings | None = None) -> Starlette:
     """Build the Starlette application serving every enabled service on every protocol."""
     settings = settings or Settings()
@@ -99,7 +113,8 @@ def create_app(settings: Settings | None = None) -> Starlette:
     rpc_apps = [
         *services,
         HealthASGIApplication(health, **platform_options),
-        *reflection_apps([*service_names, "grpc.health.v1.Health"], **platform_options),
+        # Reflection's own messages are protobuf-py ones, so it keeps connectrpc's default codecs.
+        *reflection_apps([*service_names, "grpc.health.v1.Health"], interceptors=service_interceptors()),
     ]
 
     @contextlib.asynccontextmanager
@@ -123,6 +138,8 @@ def create_app(settings: Settings | None = None) -> Starlette:
         Middleware(GrpcWebTextMiddleware),
         Middleware(AuthMiddleware, verifier=verifier),
     ]
+    if settings.benchmark_endpoints:
+        middleware.insert(0, Middleware(RawBenchmarkMiddleware))
     app = Starlette(routes=routes, middleware=middleware, lifespan=lifespan)
     app.router.default = NotFoundApp()
     app.state.settings = settings

@@ -54,6 +54,9 @@ class Settings(BaseSettings):
     cors_allowed_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
     max_request_bytes: int = Field(default=1024 * 1024, ge=1024)
 
+    # Mounts /bench/raw, a bare ASGI endpoint that loadtests/bench.py compares the RPCs against.
+    benchmark_endpoints: bool = False
+
     log_level: str = "INFO"
     log_format: Literal["json", "text"] = "text"
 
