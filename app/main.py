@@ -91,6 +91,19 @@ class RawBenchmarkMiddleware:
         await self.app(scope, receive, send)
 
 
+def platform_middleware(settings: Settings, verifier: FirebaseTokenVerifier) -> list[Middleware]:
+    """Return the ASGI middleware in front of every service, outermost first."""
+    middleware = [
+        Middleware(RequestContextMiddleware),
+        Middleware(CORSMiddleware, allowed_origins=settings.cors_allowed_origins),
+        Middleware(GrpcWebTextMiddleware),
+        Middleware(AuthMiddleware, verifier=verifier),
+    ]
+    if settings.benchmark_endpoints:
+        middleware.insert(0, Middleware(RawBenchmarkMiddleware))
+    return middleware
+
+
 def create_app(settings: Settings | None = None) -> Starlette:
     """Build the Starlette application serving every enabled service on every protocol."""
     settings = settings or Settings()
@@ -132,15 +145,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
         Route("/readyz", readyz_endpoint(is_ready), methods=["GET", "HEAD"]),
         *(Mount(app.path, app) for app in rpc_apps),
     ]
-    middleware = [
-        Middleware(RequestContextMiddleware),
-        Middleware(CORSMiddleware, allowed_origins=settings.cors_allowed_origins),
-        Middleware(GrpcWebTextMiddleware),
-        Middleware(AuthMiddleware, verifier=verifier),
-    ]
-    if settings.benchmark_endpoints:
-        middleware.insert(0, Middleware(RawBenchmarkMiddleware))
-    app = Starlette(routes=routes, middleware=middleware, lifespan=lifespan)
+    app = Starlette(routes=routes, middleware=platform_middleware(settings, verifier), lifespan=lifespan)
     app.router.default = NotFoundApp()
     app.state.settings = settings
     app.state.database = database
