@@ -152,10 +152,17 @@ def test_access_log_carries_uid_set_by_inner_auth_layer(stack_address, tokens, c
         headers={"content-type": "application/json", "authorization": f"Bearer {tokens.mint('carol')}"},
     )
 
+    # The line is written once the reply is sent, so it may trail the response slightly.
+    deadline = time.monotonic() + 5
+    while not (lines := _access_lines(caplog, "/UpdateMe")) and time.monotonic() < deadline:
+        time.sleep(0.02)
     assert response.status_code == 200
-    lines = [r for r in caplog.records if r.name == "app.access" and r.rpc_method.endswith("/UpdateMe")]
     assert lines
     assert lines[-1].uid == "carol"
+
+
+def _access_lines(caplog, suffix: str) -> list[logging.LogRecord]:
+    return [r for r in caplog.records if r.name == "app.access" and r.rpc_method.endswith(suffix)]
 
 
 def test_server_stream_messages_arrive_one_by_one(stack_address) -> None:
