@@ -1,0 +1,309 @@
+"""The database: engine configuration, units of work, migrations and failure translation.
+
+Two engines are supported. The embedded default is a SQLite file (aiosqlite) under ./var/;
+production is Postgres through asyncpg, directly or behind a transaction-mode pooler such as
+PgBouncer or Supabase's pooler on port 6543.
+
+Connection failures, pool timeouts and network errors leave this module as
+`Unavailable("database unavailable; retry later")`. The original error is logged once at ERROR
+with its traceback, and the engine hides SQL parameters so that log never carries user data.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+from sqlalchemy import DateTime, MetaData, event, text
+from sqlalchemy import exc as sa_exc
+from sqlalchemy.engine import URL, Dialect, make_url
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
+from sqlalchemy.orm import DeclarativeBase
+from sqlalchemy.types import TypeDecorator
+
+from app.platform.errors import Unavailable
+from app.settings import Settings
+
+log = logging.getLogger(__name__)
+
+UNAVAILABLE_MESSAGE = "database unavailable; retry later"
+# Supabase's transaction pooler listens on this port. Port 5432 is the direct or session connection.
+TRANSACTION_POOLER_PORT = 6543
+# URL query flag that marks a transaction pooler on any port, as in `...?pgbouncer=true`.
+POOLER_QUERY_FLAG = "pgbouncer"
+MIGRATIONS_DIR = Path(__file__).resolve().parents[2] / "migrations"
+# SQLSTATE classes that mean the server or pooler cannot serve the connection right now:
+# 08 connection exception, 53 insufficient resources, 57 operator intervention (shutdown).
+_UNAVAILABLE_SQLSTATE_CLASSES = ("08", "53", "57")
+
+
+class Base(DeclarativeBase):
+    """Declarative base of every domain's tables."""
+
+    # Constraint names fixed here stay stable across engines and migrations.
+    metadata = MetaData(
+        naming_convention={
+            "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+            "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+            "ck": "ck_%(table_name)s_%(constraint_name)s",
+            "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+            "pk": "pk_%(table_name)s",
+        }
+    )
+
+
+class UtcDateTime(TypeDecorator[datetime]):
+    """A timezone-aware UTC timestamp on every engine.
+
+    SQLite stores DateTime values without a zone and returns naive datetimes, so values are
+    converted to UTC on the way in and marked as UTC on the way out.
+    """
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError(f"timestamps must be timezone-aware: got naive {value.isoformat()}")
+        return value.astimezone(UTC)
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            return value.replace(tzinfo=UTC)
+        return value.astimezone(UTC)
+
+
+@dataclass(frozen=True, slots=True)
+class EngineConfig:
+    """The SQLAlchemy URL and create_async_engine options derived from the settings."""
+
+    url: URL
+    options: dict[str, Any]
+    uses_pooler: bool = False
+
+
+def engine_config(settings: Settings) -> EngineConfig:
+    """Derive the engine URL and options from the settings.
+
+    `postgres://` and `postgresql://` URLs use asyncpg, and `sslmode` becomes asyncpg's `ssl`.
+    A URL counts as a transaction pooler when its port is 6543, when `database_pooler` is set,
+    or when its query has `pgbouncer=true`. That flag is removed before connecting.
+    """
+    url = make_url(settings.database_url)
+    backend = url.get_backend_name()
+    if backend == "sqlite":
+        return _sqlite_config(url, settings)
+    # Heroku-style and libpq URLs spell the scheme `postgres://`.
+    if backend in ("postgresql", "postgres"):
+        return _postgres_config(url, settings)
+    raise ValueError(f"DATABASE_URL must be a sqlite or postgresql URL: got backend {backend!r}")
+
+
+def _sqlite_config(url: URL, settings: Settings) -> EngineConfig:
+    url = url.set(drivername="sqlite+aiosqlite")
+    if _is_sqlite_memory(url):
+        # An in-memory database lives in its one connection, which SQLAlchemy keeps in a StaticPool.
+        return EngineConfig(url=url, options={})
+    options: dict[str, Any] = {
+        "pool_size": settings.database_pool_size,
+        "max_overflow": settings.database_max_overflow,
+        "pool_timeout": settings.database_pool_timeout_seconds,
+    }
+    return EngineConfig(url=url, options=options)
+
+
+def _postgres_config(url: URL, settings: Settings) -> EngineConfig:
+    query = dict(url.query)
+    pooler_flag = str(query.pop(POOLER_QUERY_FLAG, "")).lower() in ("true", "1", "yes")
+    if "sslmode" in query:
+        # asyncpg takes libpq's sslmode values under the name `ssl`.
+        query["ssl"] = query.pop("sslmode")
+    url = url.set(drivername="postgresql+asyncpg", query=query)
+    uses_pooler = settings.database_pooler or pooler_flag or url.port == TRANSACTION_POOLER_PORT
+
+    # NOTE: DATABASE_POOL_TIMEOUT_SECONDS also bounds connecting. A separate connect timeout
+    # setting would let the two differ.
+    connect_args: dict[str, Any] = {
+        "timeout": settings.database_pool_timeout_seconds,
+        "server_settings": {"application_name": "functions"},
+    }
+    if uses_pooler:
+        # A transaction pooler hands each transaction to any server connection, so a statement
+        # prepared by name in one transaction is missing or taken in the next. asyncpg's own
+        # cache and SQLAlchemy's cache must both be off, so that every statement is unnamed.
+        connect_args["statement_cache_size"] = 0
+        connect_args["prepared_statement_cache_size"] = 0
+
+    # Each pooled connection is one client of the pooler or one server backend. Pre-ping
+    # replaces pooled connections that the pooler or server closed, for example on a restart.
+    options: dict[str, Any] = {
+        "pool_size": settings.database_pool_size,
+        "max_overflow": settings.database_max_overflow,
+        "pool_timeout": settings.database_pool_timeout_seconds,
+        "pool_pre_ping": True,
+        "connect_args": connect_args,
+    }
+    return EngineConfig(url=url, options=options, uses_pooler=uses_pooler)
+
+
+def _is_sqlite_memory(url: URL) -> bool:
+    database = url.database or ""
+    return database in ("", ":memory:") or url.query.get("mode") == "memory"
+
+
+def _create_sqlite_directory(url: URL) -> None:
+    database = url.database or ""
+    if _is_sqlite_memory(url) or database.startswith("file:"):
+        return
+    Path(database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+
+
+def _configure_sqlite_connections(engine: AsyncEngine, busy_timeout_ms: int) -> None:
+    @event.listens_for(engine.sync_engine, "connect")
+    def set_pragmas(dbapi_connection: Any, connection_record: Any) -> None:
+        cursor = dbapi_connection.cursor()
+        # WAL lets readers run beside the one writer. busy_timeout makes a second writer wait
+        # for the lock instead of failing at once. SQLite enforces foreign keys only when enabled.
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.execute(f"PRAGMA busy_timeout={busy_timeout_ms}")
+        cursor.close()
+
+
+def is_unavailable_error(error: BaseException) -> bool:
+    """Return whether an exception means the database cannot be reached or is overloaded."""
+    if isinstance(error, (sa_exc.TimeoutError, sa_exc.OperationalError, sa_exc.InterfaceError)):
+        return True
+    if isinstance(error, sa_exc.DBAPIError) and error.connection_invalidated:
+        return True
+    for cause in _exception_chain(error):
+        if isinstance(cause, (OSError, asyncpg.exceptions.InterfaceError, asyncpg.exceptions.PostgresConnectionError)):
+            return True
+        sqlstate = getattr(cause, "sqlstate", None)
+        if isinstance(sqlstate, str) and sqlstate[:2] in _UNAVAILABLE_SQLSTATE_CLASSES:
+            return True
+    return False
+
+
+def _exception_chain(error: BaseException) -> list[BaseException]:
+    chain: list[BaseException] = []
+    current: BaseException | None = error
+    while current is not None and current not in chain:
+        chain.append(current)
+        if isinstance(current, sa_exc.DBAPIError) and isinstance(current.orig, BaseException):
+            current = current.orig
+        else:
+            current = current.__cause__
+    return chain
+
+
+def _unavailable(error: BaseException) -> Unavailable:
+    log.error(UNAVAILABLE_MESSAGE, exc_info=error, extra={"error_type": type(error).__name__})
+    return Unavailable(UNAVAILABLE_MESSAGE)
+
+
+class Database:
+    """The engine and session factory shared by every domain."""
+
+    def __init__(self, engine: AsyncEngine, *, uses_pooler: bool = False) -> None:
+        self.engine = engine
+        self.uses_pooler = uses_pooler
+        # Objects stay readable after commit, because building the response must not reload.
+        self._sessions = async_sessionmaker(engine, expire_on_commit=False)
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Database:
+        """Create the engine for DATABASE_URL. Nothing connects before the first use."""
+        config = engine_config(settings)
+        engine = create_async_engine(config.url, hide_parameters=True, **config.options)
+        if config.url.get_backend_name() == "sqlite":
+            _create_sqlite_directory(config.url)
+            _configure_sqlite_connections(engine, busy_timeout_ms=int(settings.database_pool_timeout_seconds * 1000))
+        return cls(engine, uses_pooler=config.uses_pooler)
+
+    @contextlib.asynccontextmanager
+    async def unit_of_work(self) -> AsyncIterator[AsyncSession]:
+        """Open a session and commit it when the block succeeds, or roll it back when it raises.
+
+        The session is closed in every case. Connection failures, pool timeouts and network
+        errors, whether raised in the block or by the commit, become Unavailable.
+        """
+        session = self._sessions()
+        try:
+            yield session
+            await session.commit()
+        except Exception as error:
+            await self._rollback(session)
+            if is_unavailable_error(error):
+                raise _unavailable(error) from error
+            raise
+        finally:
+            await self._close(session)
+
+    async def ping(self) -> None:
+        """Run `SELECT 1` and raise Unavailable when the database cannot be reached."""
+        try:
+            async with self.engine.connect() as connection:
+                await connection.execute(text("SELECT 1"))
+        except Exception as error:
+            if is_unavailable_error(error):
+                raise _unavailable(error) from error
+            raise
+
+    async def dispose(self) -> None:
+        """Close every pooled connection."""
+        await self.engine.dispose()
+
+    async def _rollback(self, session: AsyncSession) -> None:
+        try:
+            await session.rollback()
+        except Exception as error:  # noqa: BLE001 - the error that caused the rollback matters more
+            log.debug("rollback failed after an error: %s", type(error).__name__)
+
+    async def _close(self, session: AsyncSession) -> None:
+        try:
+            await session.close()
+        except Exception as error:  # noqa: BLE001 - a dead connection is discarded by the pool anyway
+            log.debug("closing a session failed: %s", type(error).__name__)
+
+
+async def migrate(settings: Settings) -> None:
+    """Upgrade the database named by DATABASE_URL to the newest migration."""
+    from alembic import command
+
+    database = Database.from_settings(settings)
+    try:
+        async with database.engine.begin() as connection:
+            await connection.run_sync(lambda sync_connection: command.upgrade(alembic_config(sync_connection), "head"))
+    except Exception as error:
+        if is_unavailable_error(error):
+            raise _unavailable(error) from error
+        raise
+    finally:
+        await database.dispose()
+
+
+def alembic_config(connection: Any = None) -> Any:
+    """Build the Alembic configuration. migrations/env.py migrates over `connection` when one is given."""
+    from alembic.config import Config
+
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS_DIR))
+    config.attributes["connection"] = connection
+    return config
+
+
+def run_migrations(settings: Settings) -> None:
+    """Run `migrate` from synchronous code such as the command line."""
+    asyncio.run(migrate(settings))
