@@ -1,0 +1,216 @@
+"""Use cases of user profiles: read, create on first sight, update and list.
+
+Every function works inside the caller's unit of work: it takes the session, never commits,
+and raises ServiceError subclasses for callers to see.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import dataclasses
+import json
+import logging
+from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime
+
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from app.platform.context import Principal
+from app.platform.errors import Aborted, FieldViolation, InvalidInput
+from app.users import store
+from app.users.model import (
+    DISPLAY_NAME_MAX_LENGTH,
+    EMAIL_MAX_LENGTH,
+    UID_MAX_LENGTH,
+    UserProfile,
+)
+from app.users.validation import (
+    check_photo_url,
+    check_profile_changes,
+    check_update_mask,
+    is_control_character,
+    shown,
+)
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PAGE_SIZE = 50
+MAX_PAGE_SIZE = 100
+# Version prefix of page tokens, so the token format can change without misreading old ones.
+PAGE_TOKEN_PREFIX = "v1."
+# An update without an etag is retried on a fresh read this many times when a concurrent
+# update wins, because the caller asked for last-writer-wins.
+MAX_UPDATE_ATTEMPTS = 3
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ProfilePage:
+    """One page of ListUsers: the profiles and the token of the next page, empty on the last."""
+
+    profiles: list[UserProfile]
+    next_page_token: str
+
+
+async def get_or_create_profile(session: AsyncSession, principal: Principal, *, now: datetime | None = None) -> UserProfile:
+    """Return the caller's profile, creating it from the ID token's claims on first sight.
+
+    Concurrent first calls of one caller create one row, and every call returns that row.
+    """
+    profile = await store.find_user(session, principal.uid)
+    if profile is not None:
+        return profile
+
+    new_profile = profile_from_principal(principal, now or datetime.now(UTC))
+    if await store.add_user(session, new_profile):
+        log.info("created user profile", extra={"uid": principal.uid})
+    return await store.get_user(session, principal.uid)
+
+
+async def get_profile(session: AsyncSession, uid: str) -> UserProfile:
+    """Return the profile of `uid`, or raise NotFound when that user has none."""
+    if len(uid) > UID_MAX_LENGTH:
+        raise InvalidInput(FieldViolation("uid", f"must be at most {UID_MAX_LENGTH} characters: got {len(uid)}"))
+    return await store.get_user(session, uid)
+
+
+async def update_profile(
+    session: AsyncSession,
+    principal: Principal,
+    values: Mapping[str, object],
+    update_mask: Sequence[str],
+    etag: str = "",
+    *,
+    now: datetime | None = None,
+) -> UserProfile:
+    """Update the caller's profile fields named in `update_mask` with the matching `values`.
+
+    A named field that is empty or missing in `values` is cleared. When `etag` is set, the update fails with
+    Aborted unless the stored profile still has that etag.
+    """
+    mask_violations = check_update_mask(update_mask)
+    if mask_violations:
+        raise InvalidInput(mask_violations)
+    changes = {path: _copied(values.get(path, {} if path == "preferences" else "")) for path in dict.fromkeys(update_mask)}
+    value_violations = check_profile_changes(changes)
+    if value_violations:
+        raise InvalidInput(value_violations)
+
+    for attempt in range(1, MAX_UPDATE_ATTEMPTS + 1):
+        current = await get_or_create_profile(session, principal, now=now)
+        if etag and etag != current.etag:
+            raise _modified_since(current.uid, etag)
+
+        updated = dataclasses.replace(
+            current, **changes, version=current.version + 1, update_time=now or datetime.now(UTC)
+        )
+        if await store.update_user(session, updated, expected_version=current.version):
+            return updated
+        if etag:
+            raise _modified_since(current.uid, etag)
+        log.warning("user profile changed during an update; retrying", extra={"uid": current.uid, "attempt": attempt})
+
+    raise Aborted(
+        f"update of user {principal.uid} failed {MAX_UPDATE_ATTEMPTS} times because of concurrent updates: retry later"
+    )
+
+
+async def list_profiles(session: AsyncSession, page_size: int, page_token: str, email_prefix: str) -> ProfilePage:
+    """List profiles ordered by uid, optionally only those whose email starts with `email_prefix`.
+
+    `page_size` 0 means 50 and values above 100 are capped at 100. `email_prefix` is compared
+    case-insensitively. `page_token` must come from a request with the same `email_prefix`.
+    """
+    violations = []
+    if page_size < 0:
+        violations.append(FieldViolation("page_size", f"must not be negative: got {page_size}"))
+    if len(email_prefix) > EMAIL_MAX_LENGTH:
+        violations.append(
+            FieldViolation("email_prefix", f"must be at most {EMAIL_MAX_LENGTH} characters: got {len(email_prefix)}")
+        )
+    if violations:
+        raise InvalidInput(violations)
+
+    limit = min(page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
+    prefix = email_prefix.lower()
+    after_uid = decode_page_token(page_token, prefix) if page_token else ""
+
+    # Fetching one extra row shows whether another page follows.
+    profiles = await store.list_users(session, limit=limit + 1, after_uid=after_uid, email_prefix=prefix)
+    if len(profiles) <= limit:
+        return ProfilePage(profiles=profiles, next_page_token="")
+    page = profiles[:limit]
+    return ProfilePage(profiles=page, next_page_token=encode_page_token(page[-1].uid, prefix))
+
+
+def profile_from_principal(principal: Principal, now: datetime) -> UserProfile:
+    """Build a new profile from the ID token: email, `name` as display name, `picture` as photo.
+
+    Claims that break a profile rule are shortened or dropped instead of failing, because
+    the caller did not choose them and GetMe must not fail on them.
+    """
+    name = principal.claims.get("name")
+    picture = principal.claims.get("picture")
+    email = principal.email.lower()
+    return UserProfile(
+        uid=principal.uid,
+        email=email if len(email) <= EMAIL_MAX_LENGTH else "",
+        display_name=_display_name_from_claim(name),
+        photo_url=picture if isinstance(picture, str) and check_photo_url(picture) is None else "",
+        locale="",
+        time_zone="",
+        bio="",
+        create_time=now,
+        update_time=now,
+    )
+
+
+def encode_page_token(after_uid: str, email_prefix: str) -> str:
+    """Build the opaque token of the page after `after_uid` for the same email prefix."""
+    payload = json.dumps([after_uid, email_prefix], separators=(",", ":")).encode()
+    return PAGE_TOKEN_PREFIX + base64.urlsafe_b64encode(payload).rstrip(b"=").decode("ascii")
+
+
+def decode_page_token(page_token: str, email_prefix: str) -> str:
+    """Decode a page token into the uid its page starts after.
+
+    Raise InvalidInput when list_profiles did not issue the token or issued it for another prefix.
+    """
+    invalid = InvalidInput(
+        FieldViolation("page_token", f"must be a next_page_token returned by ListUsers: got {shown(page_token)}")
+    )
+    if not page_token.startswith(PAGE_TOKEN_PREFIX):
+        raise invalid
+    encoded = page_token.removeprefix(PAGE_TOKEN_PREFIX)
+    try:
+        payload = base64.b64decode(encoded + "=" * (-len(encoded) % 4), altchars=b"-_", validate=True)
+        after_uid, token_prefix = json.loads(payload)
+    except (binascii.Error, ValueError, TypeError):
+        raise invalid from None
+    if not isinstance(after_uid, str) or not isinstance(token_prefix, str) or not 0 < len(after_uid) <= UID_MAX_LENGTH:
+        raise invalid
+
+    if token_prefix != email_prefix:
+        raise InvalidInput(
+            FieldViolation(
+                "page_token",
+                f"must come from a request with the same email_prefix: got a token for {shown(token_prefix)}",
+            )
+        )
+    return after_uid
+
+
+def _modified_since(uid: str, etag: str) -> Aborted:
+    return Aborted(f"user {uid} was modified since etag {shown(etag)}; read it again and retry")
+
+
+def _display_name_from_claim(name: object) -> str:
+    if not isinstance(name, str):
+        return ""
+    cleaned = "".join(character for character in name if not is_control_character(character))
+    return cleaned.strip()[:DISPLAY_NAME_MAX_LENGTH]
+
+
+def _copied(value: object) -> object:
+    # A protobuf map or any other mapping becomes a plain dict the profile owns.
+    return dict(value) if isinstance(value, Mapping) else value
