@@ -1,0 +1,207 @@
+"""Database: URL handling, units of work, and failures reported as Unavailable."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+from alembic.autogenerate import compare_metadata
+from alembic.runtime.migration import MigrationContext
+from sqlalchemy import func, select, text
+
+from app.platform.db import UNAVAILABLE_MESSAGE, Base, Database, engine_config
+from app.platform.errors import Unavailable
+from app.users import store
+from app.settings import Settings
+from app.users.model import UserProfile, UserRow
+from tests.servers import free_port
+
+NOW = datetime(2026, 3, 1, tzinfo=UTC)
+
+
+def settings_for(database_url: str, **overrides: object) -> Settings:
+    return Settings(app_env="test", database_url=database_url, **overrides)
+
+
+def profile(uid: str) -> UserProfile:
+    return UserProfile(
+        uid=uid,
+        email=f"{uid}@example.com",
+        display_name="",
+        photo_url="",
+        locale="",
+        time_zone="",
+        bio="",
+        create_time=NOW,
+        update_time=NOW,
+    )
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        ("postgres://u:p@db.example.com:5432/app", "postgresql+asyncpg://u:***@db.example.com:5432/app"),
+        ("postgresql://u@db.example.com/app", "postgresql+asyncpg://u@db.example.com/app"),
+        ("postgresql+asyncpg://u@db.example.com/app", "postgresql+asyncpg://u@db.example.com/app"),
+        ("postgresql://u@db.example.com/app?sslmode=require", "postgresql+asyncpg://u@db.example.com/app?ssl=require"),
+        ("postgresql://u@db.example.com:6432/app?pgbouncer=true", "postgresql+asyncpg://u@db.example.com:6432/app"),
+        ("sqlite:///./var/functions.db", "sqlite+aiosqlite:///./var/functions.db"),
+    ],
+)
+def test_url_is_normalized(url: str, expected: str) -> None:
+    config = engine_config(settings_for(url))
+
+    assert config.url.render_as_string(hide_password=True) == expected
+
+
+@pytest.mark.parametrize(
+    ("url", "database_pooler"),
+    [
+        ("postgresql://u@aws-0-eu-west-1.pooler.supabase.com:6543/postgres", False),
+        ("postgresql://u@db.example.com:6432/app?pgbouncer=true", False),
+        ("postgresql://u@db.example.com:5432/app", True),
+    ],
+)
+def test_pooler_url_turns_statement_caches_off(url: str, database_pooler: bool) -> None:
+    config = engine_config(settings_for(url, database_pooler=database_pooler))
+
+    assert config.uses_pooler is True
+    assert config.options["connect_args"]["statement_cache_size"] == 0
+    assert config.options["connect_args"]["prepared_statement_cache_size"] == 0
+
+
+def test_direct_url_keeps_statement_caches() -> None:
+    config = engine_config(settings_for("postgresql://u@db.example.com:5432/app"))
+
+    assert config.uses_pooler is False
+    assert "statement_cache_size" not in config.options["connect_args"]
+    assert "prepared_statement_cache_size" not in config.options["connect_args"]
+
+
+def test_unknown_backend_is_rejected() -> None:
+    with pytest.raises(ValueError, match="got backend 'mysql'"):
+        engine_config(settings_for("mysql://u@db.example.com/app"))
+
+
+async def test_sqlite_directory_is_created(tmp_path: Path) -> None:
+    path = tmp_path / "nested" / "var" / "functions.db"
+
+    database = Database.from_settings(settings_for(f"sqlite+aiosqlite:///{path}"))
+    try:
+        await database.ping()
+    finally:
+        await database.dispose()
+
+    assert path.parent.is_dir()
+
+
+async def test_sqlite_connections_use_wal_and_foreign_keys(sqlite_database: Database) -> None:
+    async with sqlite_database.unit_of_work() as session:
+        journal_mode = await session.scalar(text("PRAGMA journal_mode"))
+        foreign_keys = await session.scalar(text("PRAGMA foreign_keys"))
+        busy_timeout = await session.scalar(text("PRAGMA busy_timeout"))
+
+    assert journal_mode == "wal"
+    assert foreign_keys == 1
+    assert busy_timeout > 0
+
+
+async def test_unit_of_work_commits_on_success(database: Database) -> None:
+    uid = f"commit-{secrets.token_hex(6)}"
+
+    async with database.unit_of_work() as session:
+        await store.add_user(session, profile(uid))
+
+    async with database.unit_of_work() as session:
+        assert await store.find_user(session, uid) is not None
+
+
+async def test_unit_of_work_rolls_back_on_error(database: Database) -> None:
+    uid = f"rollback-{secrets.token_hex(6)}"
+
+    with pytest.raises(RuntimeError, match="stop here"):
+        async with database.unit_of_work() as session:
+            await store.add_user(session, profile(uid))
+            raise RuntimeError("stop here")
+
+    async with database.unit_of_work() as session:
+        count = await session.scalar(select(func.count()).select_from(UserRow).where(UserRow.uid == uid))
+    assert count == 0
+
+
+async def test_ping_succeeds_on_live_database(database: Database) -> None:
+    await database.ping()
+
+
+async def test_unreachable_postgres_is_unavailable(caplog: pytest.LogCaptureFixture) -> None:
+    url = f"postgresql+asyncpg://postgres:secret-password@127.0.0.1:{free_port()}/functions"
+    database = Database.from_settings(settings_for(url, database_pool_timeout_seconds=1.0))
+    caplog.set_level(logging.ERROR, logger="app.platform.db")
+
+    try:
+        with pytest.raises(Unavailable) as caught:
+            async with database.unit_of_work() as session:
+                await store.find_user(session, "anyone")
+    finally:
+        await database.dispose()
+
+    assert caught.value.message == UNAVAILABLE_MESSAGE
+    errors = [record for record in caplog.records if record.name == "app.platform.db"]
+    assert len(errors) == 1
+    assert errors[0].exc_info is not None
+    assert "secret-password" not in caplog.text
+
+
+async def test_ping_of_unreachable_postgres_is_unavailable() -> None:
+    url = f"postgresql+asyncpg://postgres@127.0.0.1:{free_port()}/functions"
+    database = Database.from_settings(settings_for(url, database_pool_timeout_seconds=1.0))
+
+    try:
+        with pytest.raises(Unavailable, match=UNAVAILABLE_MESSAGE):
+            await database.ping()
+    finally:
+        await database.dispose()
+
+
+async def test_exhausted_pool_is_unavailable(tmp_path: Path) -> None:
+    settings = settings_for(
+        f"sqlite+aiosqlite:///{tmp_path / 'pool.db'}",
+        database_pool_size=1,
+        database_max_overflow=0,
+        database_pool_timeout_seconds=0.2,
+    )
+    database = Database.from_settings(settings)
+    holding = asyncio.Event()
+    release = asyncio.Event()
+
+    async def hold_connection() -> None:
+        async with database.unit_of_work() as session:
+            await session.connection()
+            holding.set()
+            await release.wait()
+
+    holder = asyncio.create_task(hold_connection())
+    try:
+        await holding.wait()
+        with pytest.raises(Unavailable, match=UNAVAILABLE_MESSAGE):
+            async with database.unit_of_work() as session:
+                await session.connection()
+    finally:
+        release.set()
+        await holder
+        await database.dispose()
+
+
+async def test_migrations_match_models(database: Database) -> None:
+    def compare(connection) -> list:
+        context = MigrationContext.configure(connection, opts={"compare_type": True})
+        return compare_metadata(context, Base.metadata)
+
+    async with database.engine.connect() as connection:
+        differences = await connection.run_sync(compare)
+
+    assert differences == []

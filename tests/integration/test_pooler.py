@@ -1,0 +1,221 @@
+"""Postgres behind a transaction-mode pooler: PgBouncer on 127.0.0.1 in front of the test database.
+
+A transaction pooler gives each transaction whichever server connection is free, so named
+prepared statements leak between clients. These tests show that the service's pooler settings
+make 150 concurrent reads succeed, that the same reads fail with the caches left on, and that a
+stopped pooler reaches callers as Unavailable with a generic message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import pwd
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+from functions.user.v1 import user_pb2
+from sqlalchemy.engine import make_url
+
+from app.platform.context import Principal, principal_var
+from app.platform.db import UNAVAILABLE_MESSAGE, Database
+from app.platform.errors import Unavailable
+from app.settings import Settings
+from app.users import store
+from app.users.handler import UserHandler
+from app.users.model import UserProfile
+from tests.servers import free_port
+
+PGBOUNCER = Path("/usr/sbin/pgbouncer")
+CONCURRENT_READS = 150
+STARTUP_TIMEOUT_SECONDS = 10.0
+SEEDED_UID = "pooler-reader"
+
+pytestmark = [
+    pytest.mark.postgres,
+    pytest.mark.skipif(
+        not PGBOUNCER.exists(),
+        reason=f"{PGBOUNCER} is missing: install the Debian package 'pgbouncer' to run the pooler tests",
+    ),
+]
+
+
+@dataclass
+class Pooler:
+    process: subprocess.Popen
+    port: int
+    log_path: Path
+
+    def url(self, *, pooler_flag: bool) -> str:
+        query = "?pgbouncer=true" if pooler_flag else ""
+        return f"postgresql+asyncpg://postgres@127.0.0.1:{self.port}/functions{query}"
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(timeout=5)
+
+
+def write_config(directory: Path, port: int, server_url: str) -> Path:
+    server = make_url(server_url)
+    userlist = directory / "userlist.txt"
+    userlist.write_text(f'"{server.username or "postgres"}" ""\n')
+    lines = [
+        "[databases]",
+        f"functions = host={server.host or '127.0.0.1'} port={server.port or 5432} "
+        f"dbname={server.database} user={server.username or 'postgres'}",
+        "",
+        "[pgbouncer]",
+        "listen_addr = 127.0.0.1",
+        f"listen_port = {port}",
+        "unix_socket_dir =",
+        "auth_type = trust",
+        f"auth_file = {userlist}",
+        "pool_mode = transaction",
+        "max_client_conn = 1000",
+        # Few server connections, so that many client transactions share each one.
+        "default_pool_size = 4",
+    ]
+    if os.geteuid() == 0:
+        # PgBouncer refuses to run as root, so it switches to an unprivileged user.
+        lines.append(f"user = {_unprivileged_user()}")
+    config = directory / "pgbouncer.ini"
+    config.write_text("\n".join(lines) + "\n")
+    return config
+
+
+def _unprivileged_user() -> str:
+    for name in ("postgres", "nobody"):
+        try:
+            pwd.getpwnam(name)
+        except KeyError:
+            continue
+        return name
+    pytest.skip("PgBouncer cannot run as root and neither a 'postgres' nor a 'nobody' user exists")
+
+
+def wait_for_port(pooler: Pooler) -> None:
+    deadline = time.monotonic() + STARTUP_TIMEOUT_SECONDS
+    while time.monotonic() < deadline:
+        if pooler.process.poll() is not None:
+            pytest.fail(f"pgbouncer exited with {pooler.process.returncode}:\n{pooler.log_path.read_text()}")
+        try:
+            with socket.create_connection(("127.0.0.1", pooler.port), timeout=0.2):
+                return
+        except OSError:
+            time.sleep(0.05)
+    pooler.stop()
+    pytest.fail(f"pgbouncer did not listen within {STARTUP_TIMEOUT_SECONDS} s:\n{pooler.log_path.read_text()}")
+
+
+@pytest.fixture
+def pooler(postgres_database: Database, postgres_url: str, tmp_path: Path) -> Iterator[Pooler]:
+    """Start PgBouncer in transaction mode in front of the session's migrated database."""
+    # The unprivileged user PgBouncer switches to must be able to read its files.
+    tmp_path.chmod(0o755)
+    port = free_port()
+    config = write_config(tmp_path, port, postgres_url)
+    log_path = tmp_path / "pgbouncer.log"
+    with log_path.open("wb") as log_file:
+        process = subprocess.Popen([str(PGBOUNCER), str(config)], stdout=log_file, stderr=subprocess.STDOUT)
+    running = Pooler(process=process, port=port, log_path=log_path)
+    try:
+        wait_for_port(running)
+        yield running
+    finally:
+        running.stop()
+
+
+@pytest.fixture
+async def seeded_uid(postgres_database: Database) -> str:
+    """Insert, directly into Postgres, the profile the concurrent reads fetch."""
+    now = datetime.now(UTC)
+    profile = UserProfile(
+        uid=SEEDED_UID,
+        email="reader@example.com",
+        display_name="Reader",
+        photo_url="",
+        locale="en",
+        time_zone="UTC",
+        bio="",
+        create_time=now,
+        update_time=now,
+        preferences={"theme": "dark"},
+    )
+    async with postgres_database.unit_of_work() as session:
+        await store.add_user(session, profile)
+    return SEEDED_UID
+
+
+def pooler_database(url: str) -> Database:
+    settings = Settings(app_env="test", database_url=url, database_pool_size=10, database_max_overflow=10)
+    return Database.from_settings(settings)
+
+
+async def read_concurrently(database: Database, uid: str) -> list[object]:
+    """Call GetUser CONCURRENT_READS times at once and return each response or exception."""
+    handler = UserHandler(database)
+    token = principal_var.set(Principal(uid="admin", roles=("admin",)))
+    try:
+        calls = [handler.get_user(user_pb2.GetUserRequest(uid=uid), None) for _ in range(CONCURRENT_READS)]
+        return await asyncio.gather(*calls, return_exceptions=True)
+    finally:
+        principal_var.reset(token)
+
+
+async def test_concurrent_reads_through_pooler_succeed(pooler: Pooler, seeded_uid: str) -> None:
+    database = pooler_database(pooler.url(pooler_flag=True))
+    try:
+        results = await read_concurrently(database, seeded_uid)
+    finally:
+        await database.dispose()
+
+    failures = [result for result in results if isinstance(result, BaseException)]
+    assert failures == []
+    responses = [result for result in results if isinstance(result, user_pb2.GetUserResponse)]
+    assert len(responses) == CONCURRENT_READS
+    assert all(dict(response.user.preferences) == {"theme": "dark"} for response in responses)
+
+
+async def test_reads_with_statement_caches_fail_through_pooler(pooler: Pooler, seeded_uid: str) -> None:
+    # Without the flag the URL looks direct, so prepared-statement caches stay on.
+    database = pooler_database(pooler.url(pooler_flag=False))
+    try:
+        assert database.uses_pooler is False
+        results = await read_concurrently(database, seeded_uid)
+    finally:
+        await database.dispose()
+
+    failures = [result for result in results if isinstance(result, BaseException)]
+    assert len(failures) > 0
+    assert all("prepared statement" in str(failure) for failure in failures)
+
+
+async def test_stopped_pooler_is_unavailable(
+    pooler: Pooler, seeded_uid: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    database = pooler_database(pooler.url(pooler_flag=True))
+    handler = UserHandler(database)
+    token = principal_var.set(Principal(uid="admin", roles=("admin",)))
+    try:
+        await handler.get_user(user_pb2.GetUserRequest(uid=seeded_uid), None)
+        pooler.stop()
+        caplog.set_level(logging.ERROR, logger="app.platform.db")
+
+        with pytest.raises(Unavailable) as caught:
+            await handler.get_user(user_pb2.GetUserRequest(uid=seeded_uid), None)
+    finally:
+        principal_var.reset(token)
+        await database.dispose()
+
+    assert caught.value.message == UNAVAILABLE_MESSAGE
+    errors = [record for record in caplog.records if record.name == "app.platform.db"]
+    assert len(errors) == 1
+    assert errors[0].exc_info is not None
