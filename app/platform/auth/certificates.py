@@ -139,6 +139,9 @@ class CertificateSource:
             try:
                 await self._refresh(now)
             except CertificatesUnavailable as error:
+                # Counted from the end of the attempt: callers queued behind a fetch that timed
+                # out must get the failure at once instead of each waiting for a fetch of its own.
+                now = self._clock()
                 self._failed_until = now + FAILURE_MEMORY_SECONDS
                 self._log_failure(error, now)
                 # After a failed rotation refetch, keys still within their max-age are returned.
