@@ -1,0 +1,1 @@
+"""The auth domain: who the caller is, and administration of Firebase users' roles and sessions."""
