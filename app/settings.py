@@ -45,7 +45,7 @@ class Settings(BaseSettings):
     # Empty means the local development key pair under dev_keys_dir.
     firebase_certs_url: str = ""
     firebase_auth_emulator_host: str = ""
-    auth_clock_skew_seconds: int = Field(default=5, ge=0, le=300)
+    auth_clock_skew_seconds: int = Field(default=5, ge=0, le=60)
     auth_certs_timeout_seconds: float = Field(default=2.0, gt=0)
     # Ask Firebase whether the token was revoked or the user disabled on every new token.
     auth_check_revoked: bool = False

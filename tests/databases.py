@@ -18,45 +18,53 @@ import pytest
 from sqlalchemy.engine import make_url
 
 POSTGRES_URL_VARIABLE = "TEST_POSTGRES_URL"
+POSTGRES_MISSING = f"{POSTGRES_URL_VARIABLE} is not set: set it to a Postgres server URL to run the Postgres tests"
 BACKENDS = [
     "sqlite",
     pytest.param(
-        "postgres",
-        marks=pytest.mark.skipif(
-            not os.environ.get(POSTGRES_URL_VARIABLE), reason=f"{POSTGRES_URL_VARIABLE} is not set"
-        ),
+        "postgres", marks=pytest.mark.skipif(not os.environ.get(POSTGRES_URL_VARIABLE), reason=POSTGRES_MISSING)
     ),
 ]
 
 
-def _run_admin_sql(server_url: str, statement: str) -> None:
+async def _run_admin_sql(server_url: str, statement: str) -> None:
     """Run one statement outside a transaction on the server's maintenance database."""
     url = make_url(server_url)
+    connection = await asyncpg.connect(
+        host=url.host or "127.0.0.1",
+        port=url.port or 5432,
+        user=url.username or "postgres",
+        password=url.password,
+        database=url.database or "postgres",
+    )
+    try:
+        await connection.execute(statement)
+    finally:
+        await connection.close()
 
-    async def run() -> None:
-        connection = await asyncpg.connect(
-            host=url.host or "127.0.0.1", port=url.port or 5432, user=url.username or "postgres",
-            password=url.password, database=url.database or "postgres",
-        )
-        try:
-            await connection.execute(statement)
-        finally:
-            await connection.close()
 
-    asyncio.run(run())
+async def create_postgres_database(prefix: str = "functions_test") -> tuple[str, str]:
+    """Create a uniquely named database on TEST_POSTGRES_URL's server; return its name and asyncpg URL."""
+    server_url = os.environ[POSTGRES_URL_VARIABLE]
+    name = f"{prefix}_{secrets.token_hex(6)}"
+    await _run_admin_sql(server_url, f'CREATE DATABASE "{name}"')
+    url = make_url(server_url).set(drivername="postgresql+asyncpg", database=name)
+    return name, url.render_as_string(hide_password=False)
+
+
+async def drop_postgres_database(name: str) -> None:
+    """Drop a database made by create_postgres_database, ending connections still open to it."""
+    await _run_admin_sql(os.environ[POSTGRES_URL_VARIABLE], f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 @contextlib.contextmanager
 def postgres_database(prefix: str = "functions_test") -> Iterator[str]:
-    """Create a uniquely named database on TEST_POSTGRES_URL's server; yield its asyncpg URL."""
-    server_url = os.environ[POSTGRES_URL_VARIABLE]
-    name = f"{prefix}_{secrets.token_hex(6)}"
-    _run_admin_sql(server_url, f'CREATE DATABASE "{name}"')
+    """Yield the URL of a fresh Postgres database, for code outside an event loop."""
+    name, url = asyncio.run(create_postgres_database(prefix))
     try:
-        url = make_url(server_url).set(drivername="postgresql+asyncpg", database=name)
-        yield url.render_as_string(hide_password=False)
+        yield url
     finally:
-        _run_admin_sql(server_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        asyncio.run(drop_postgres_database(name))
 
 
 @contextlib.contextmanager

@@ -33,6 +33,8 @@ from tests.e2e.conftest import PROJECT_ID
 from tests.servers import serve_in_thread
 
 STREAM_SERVICE = "tests.Ticker"
+# Served like the ticker but never given a policy, so every call to it must be denied.
+UNLISTED_SERVICE = "tests.Unlisted"
 STREAM_INTERVAL_SECONDS = 0.4
 STREAM_MESSAGES = 4
 
@@ -66,21 +68,22 @@ class Ticker:
 
 
 class TickerApplication(ConnectASGIApplication[Ticker]):
-    def __init__(self, service: Ticker, **options) -> None:
+    def __init__(self, service: Ticker, service_name: str = STREAM_SERVICE, **options) -> None:
+        self.service_name = service_name
         method = MethodInfo(
-            name="Watch", service_name=STREAM_SERVICE, input=health_pb2.HealthCheckRequest,
+            name="Watch", service_name=service_name, input=health_pb2.HealthCheckRequest,
             output=health_pb2.HealthCheckResponse, idempotency_level=IdempotencyLevel.NO_SIDE_EFFECTS,
             stream_type=StreamType.SERVER_STREAM,
         )
         super().__init__(
             service=service,
-            endpoints=lambda svc: {f"/{STREAM_SERVICE}/Watch": Endpoint.server_stream(method=method, function=svc.watch)},
+            endpoints=lambda svc: {f"/{service_name}/Watch": Endpoint.server_stream(method=method, function=svc.watch)},
             **options,
         )
 
     @property
     def path(self) -> str:
-        return f"/{STREAM_SERVICE}"
+        return f"/{self.service_name}"
 
 
 @pytest.fixture(scope="module")
@@ -94,7 +97,11 @@ def stack_address(cert_server, monkeypatch_module) -> str:
     )
     verifier, _ = build_verifier(settings)
     options = {"interceptors": service_interceptors(), "codecs": server_codecs()}
-    apps = [user_connect.UserServiceASGIApplication(BrokenUsers(), **options), TickerApplication(Ticker(), **options)]
+    apps = [
+        user_connect.UserServiceASGIApplication(BrokenUsers(), **options),
+        TickerApplication(Ticker(), **options),
+        TickerApplication(Ticker(), UNLISTED_SERVICE, **options),
+    ]
     app = Starlette(routes=[Mount(a.path, a) for a in apps], middleware=platform_middleware(settings, verifier))
     with serve_in_thread(app) as address:
         yield address
@@ -186,3 +193,18 @@ def test_server_stream_messages_arrive_one_by_one(stack_address) -> None:
     assert messages[-1] - messages[0] >= (STREAM_MESSAGES - 2) * STREAM_INTERVAL_SECONDS
     end_frame = json.loads(arrivals[-1][1][5:] or b"{}")
     assert "error" not in end_frame
+
+
+@pytest.mark.parametrize("authorization", [None, "admin"])
+def test_method_without_policy_is_denied(stack_address, tokens, authorization) -> None:
+    headers = {"content-type": "application/connect+json"}
+    if authorization:
+        headers["authorization"] = f"Bearer {tokens.mint('root', roles=['admin'])}"
+
+    response = httpx.post(
+        f"http://{stack_address}/{UNLISTED_SERVICE}/Watch", content=b"\x00\x00\x00\x00\x02{}", headers=headers
+    )
+
+    end_frame = json.loads(response.content[5:])
+    assert end_frame["error"]["code"] == "permission_denied"
+    assert "no access policy" in end_frame["error"]["message"]

@@ -10,18 +10,14 @@ tables. Tests share one database per engine, so each test uses its own uids and 
 from __future__ import annotations
 
 import os
-import secrets
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-import asyncpg
 import pytest
-from sqlalchemy.engine import URL, make_url
 
 from app.platform.db import Database, migrate
 from app.settings import Settings
-
-POSTGRES_URL_VARIABLE = "TEST_POSTGRES_URL"
+from tests.databases import POSTGRES_MISSING, POSTGRES_URL_VARIABLE, create_postgres_database, drop_postgres_database
 
 
 def settings_for(database_url: str, **overrides: object) -> Settings:
@@ -29,39 +25,16 @@ def settings_for(database_url: str, **overrides: object) -> Settings:
     return Settings(app_env="test", database_url=database_url, **overrides)
 
 
-async def _connect_admin(server_url: URL) -> asyncpg.Connection:
-    return await asyncpg.connect(
-        host=server_url.host or "127.0.0.1",
-        port=server_url.port or 5432,
-        user=server_url.username or "postgres",
-        password=server_url.password,
-        database=server_url.database or "postgres",
-    )
-
-
 @pytest.fixture(scope="session")
 async def postgres_url() -> AsyncIterator[str]:
     """Create a Postgres database for this test session, yield its URL, then drop it."""
-    server_url = os.environ.get(POSTGRES_URL_VARIABLE)
-    if not server_url:
-        pytest.skip(f"{POSTGRES_URL_VARIABLE} is not set: set it to a Postgres server URL to run the Postgres tests")
+    if not os.environ.get(POSTGRES_URL_VARIABLE):
+        pytest.skip(POSTGRES_MISSING)
 
-    url = make_url(server_url)
-    name = f"functions_test_{secrets.token_hex(6)}"
-    admin = await _connect_admin(url)
-    try:
-        await admin.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await admin.close()
-
-    yield url.set(drivername="postgresql+asyncpg", database=name).render_as_string(hide_password=False)
-
-    admin = await _connect_admin(url)
-    try:
-        # FORCE ends connections a test left open, such as those of a stopped pooler.
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    finally:
-        await admin.close()
+    name, url = await create_postgres_database()
+    yield url
+    # Dropping with FORCE ends connections a test left open, such as those of a stopped pooler.
+    await drop_postgres_database(name)
 
 
 @pytest.fixture(scope="session")

@@ -219,3 +219,30 @@ async def test_stopped_pooler_is_unavailable(
     errors = [record for record in caplog.records if record.name == "app.platform.db"]
     assert len(errors) == 1
     assert errors[0].exc_info is not None
+
+
+async def test_concurrent_read_rpcs_through_pooler_succeed(pooler: Pooler, seeded_uid: str, tmp_path: Path) -> None:
+    """The same, end to end: a real server whose DATABASE_URL is the pooler, 150 GetMe calls at once."""
+    import httpx
+
+    from tests.e2e.conftest import Tokens, server_env
+    from tests.servers import run_server
+    from tests.support import CertificateServer, certs_document, rsa_key
+
+    key = rsa_key("pooler-e2e")
+    tokens = Tokens(key)
+    with CertificateServer(certs_document({"e2e-key": key}), max_age=3600) as certificates:
+        env = server_env(certificates, pooler.url(pooler_flag=True), DEV_KEYS_DIR=str(tmp_path / "keys"))
+        with run_server(env, tmp_path / "server.log") as server:
+            headers = [
+                {"content-type": "application/json", "authorization": f"Bearer {tokens.mint(f'pooled-{n % 15}')}"}
+                for n in range(CONCURRENT_READS)
+            ]
+            limits = httpx.Limits(max_connections=CONCURRENT_READS)
+            async with httpx.AsyncClient(base_url=server.url, timeout=30, limits=limits) as client:
+                replies = await asyncio.gather(
+                    *(client.post("/functions.user.v1.UserService/GetMe", content=b"{}", headers=h) for h in headers)
+                )
+
+    assert [reply.status_code for reply in replies] == [200] * CONCURRENT_READS
+    assert all(reply.json()["user"]["uid"].startswith("pooled-") for reply in replies)
