@@ -8,6 +8,8 @@ import os
 import shutil
 import sys
 
+from pydantic import ValidationError
+
 from app.settings import Settings
 
 
@@ -90,7 +92,12 @@ def main(argv: list[str] | None = None) -> None:
     token_parser.set_defaults(run=dev_token)
 
     args = parser.parse_args(argv)
-    args.run(Settings(), args)
+    try:
+        settings = Settings()
+    except ValidationError as error:
+        messages = "; ".join(e["msg"].removeprefix("Value error, ") for e in error.errors())
+        raise SystemExit(f"invalid settings: {messages}") from None
+    args.run(settings, args)
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ from starlette.routing import Mount, Route
 from app.platform.auth import CertificateSource, FirebaseTokenVerifier, ensure_dev_keys
 from app.platform.codecs import server_codecs
 from app.platform.db import Database
+from app.platform.firebase import FirebaseAdmin
 from app.platform.health import HealthASGIApplication, HealthService, healthz, readyz_endpoint
 from app.platform.interceptors import service_interceptors
 from app.platform.logs import configure_logging
@@ -32,29 +33,37 @@ log = logging.getLogger(__name__)
 READINESS_TIMEOUT_SECONDS = 2.0
 
 
-def build_verifier(settings: Settings) -> tuple[FirebaseTokenVerifier, CertificateSource | None]:
-    """Create the ID token verifier for the configured certificate source or emulator."""
-    if settings.firebase_auth_emulator_host:
-        verifier = FirebaseTokenVerifier(
-            project_id=settings.firebase_project_id,
-            certificates=None,
-            clock_skew_seconds=settings.auth_clock_skew_seconds,
-            emulator=True,
-        )
-        return verifier, None
+def build_verifier(
+    settings: Settings, firebase: FirebaseAdmin | None = None
+) -> tuple[FirebaseTokenVerifier, CertificateSource | None]:
+    """Create the ID token verifier for the configured certificate source or emulator.
 
-    if settings.uses_dev_keys:
-        ensure_dev_keys(settings.dev_keys_dir)
-    certificates = CertificateSource(settings.effective_certs_url, timeout_seconds=settings.auth_certs_timeout_seconds)
+    With AUTH_CHECK_REVOKED, tokens are checked against Firebase through `firebase`, and
+    sessions revoked through it leave the verifier's cache at once.
+    """
+    emulator = bool(settings.firebase_auth_emulator_host)
+    certificates = None
+    if not emulator:
+        if settings.uses_dev_keys:
+            ensure_dev_keys(settings.dev_keys_dir)
+        certificates = CertificateSource(
+            settings.effective_certs_url, timeout_seconds=settings.auth_certs_timeout_seconds
+        )
+
+    check_revoked = settings.auth_check_revoked and firebase is not None
     verifier = FirebaseTokenVerifier(
         project_id=settings.firebase_project_id,
         certificates=certificates,
         clock_skew_seconds=settings.auth_clock_skew_seconds,
+        emulator=emulator,
+        revocation_checker=firebase.check_revoked if check_revoked else None,
     )
+    if firebase is not None:
+        firebase.revocation_listeners.append(verifier.forget_user)
     return verifier, certificates
 
 
-def build_services(settings: Settings, database: Database) -> list:
+def build_services(settings: Settings, database: Database, firebase: FirebaseAdmin) -> list:
     """Create the connectrpc application of every enabled domain."""
     options = {
         "interceptors": service_interceptors(),
@@ -67,7 +76,7 @@ def build_services(settings: Settings, database: Database) -> list:
 
         from app.auth.handler import AuthHandler
 
-        services.append(AuthServiceASGIApplication(AuthHandler(settings), **options))
+        services.append(AuthServiceASGIApplication(AuthHandler(settings, firebase), **options))
     if "users" in settings.enabled_services:
         from functions.user.v1.user_connect import UserServiceASGIApplication
 
@@ -78,7 +87,7 @@ def build_services(settings: Settings, database: Database) -> list:
 
 
 class RawBenchmarkMiddleware:
-    """Answer /bench/raw before any other layer: the baseline loadtests/bench.py compares RPCs with."""
+    """Reply to /bench/raw before any other layer, as the baseline that loadtests/bench.py compares RPCs with."""
 
     def __init__(self, app) -> None:
         self.app = app
@@ -109,7 +118,8 @@ def create_app(settings: Settings | None = None) -> Starlette:
     settings = settings or Settings()
     configure_logging(settings)
     database = Database.from_settings(settings)
-    verifier, certificates = build_verifier(settings)
+    firebase = FirebaseAdmin.from_settings(settings)
+    verifier, certificates = build_verifier(settings, firebase)
 
     async def is_ready() -> bool:
         try:
@@ -119,7 +129,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
             return False
         return True
 
-    services = build_services(settings, database)
+    services = build_services(settings, database, firebase)
     service_names = [app.path.strip("/") for app in services]
     health = HealthService(service_names, is_ready)
     platform_options = {"interceptors": service_interceptors(), "codecs": server_codecs()}
@@ -138,6 +148,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
         if certificates is not None:
             await certificates.aclose()
         await database.dispose()
+        firebase.close()
         log.info("stopped")
 
     routes = [

@@ -107,6 +107,8 @@ class FirebaseAdmin:
         self._timeout_seconds = timeout_seconds
         self._clock = clock
         self._slots = asyncio.Semaphore(max_concurrency)
+        # Called with the uid after each successful revoke_sessions, e.g. to drop cached tokens.
+        self.revocation_listeners: list[Callable[[str], None]] = []
         # A named app of its own, so that no other code's default app or options leak in. The SDK
         # stops its HTTP retries at the same deadline as the caller's wait.
         self._app = firebase_admin.initialize_app(
@@ -173,6 +175,8 @@ class FirebaseAdmin:
             return client.get_user(uid).tokens_valid_after_timestamp
 
         valid_after_ms = await self._run("revoke_sessions", uid, revoke)
+        for listener in self.revocation_listeners:
+            listener(uid)
         return datetime.fromtimestamp(valid_after_ms / 1000, UTC)
 
     async def check_revoked(self, principal: Principal) -> None:

@@ -67,7 +67,6 @@ def test_serve_in_production_with_emulator_exits():
     assert EMULATOR_MESSAGE in result.stderr
 
 
-@pytest.mark.xfail(strict=True, reason="`python -m app` prints the settings ValidationError with its traceback")
 def test_serve_in_production_with_emulator_prints_no_traceback():
     result = run_serve(production_env(FIREBASE_AUTH_EMULATOR_HOST="127.0.0.1:9099"))
 

@@ -98,6 +98,7 @@ class FirebaseTokenVerifier:
         clock: Callable[[], float] = time.time,
         cache_size: int = 10_000,
         revocation_checker: RevocationChecker | None = None,
+        revocation_recheck_seconds: float = 60.0,
     ) -> None:
         """Create a verifier.
 
@@ -105,10 +106,11 @@ class FirebaseTokenVerifier:
             certificates: where the signing keys come from; may be None only in emulator mode.
             emulator: accept tokens of the Firebase Auth emulator, which are unsigned.
             cache_size: how many verified tokens to keep; 0 turns the cache off.
-            revocation_checker: called with the principal of each token that is not in the cache;
-                it raises TokenRejected (TOKEN_REVOKED, USER_DISABLED) to reject it. A cached token
-                is not checked again, so a revocation takes effect when the token leaves the cache,
-                at the latest at its exp.
+            revocation_checker: called with the principal of each token that is not in the cache,
+                and again for a cached token once its last check is revocation_recheck_seconds old;
+                it raises TokenRejected (TOKEN_REVOKED, USER_DISABLED) to reject it. A revocation
+                made through this process takes effect at once (see forget_user); one made
+                elsewhere, within revocation_recheck_seconds.
         """
         if not project_id:
             raise ValueError("project_id must not be empty")
@@ -127,8 +129,10 @@ class FirebaseTokenVerifier:
         self._clock = clock
         self._cache_size = cache_size
         self._revocation_checker = revocation_checker
-        # Keyed by the SHA-256 digest of the token, so the cache contains no usable token.
-        self._cache: OrderedDict[bytes, tuple[Principal, float]] = OrderedDict()
+        self._revocation_recheck_seconds = revocation_recheck_seconds
+        # Keyed by the SHA-256 digest of the token, so the cache contains no usable token. Each
+        # entry holds the principal, the token's exp and when its revocation was last checked.
+        self._cache: OrderedDict[bytes, tuple[Principal, float, float]] = OrderedDict()
 
     async def verify(self, token: str) -> Principal:
         """Return the principal of a valid ID token.
@@ -152,18 +156,34 @@ class FirebaseTokenVerifier:
         digest = hashlib.sha256(token.encode("ascii")).digest()
         cached = self._cache.get(digest)
         if cached is not None:
-            principal, expires_at = cached
-            if not self._is_expired(expires_at, now):
+            principal, expires_at, checked_at = cached
+            if not self._is_expired(expires_at, now) and not self._is_recheck_due(checked_at, now):
                 self._cache.move_to_end(digest)
                 return principal
             del self._cache[digest]
+            if not self._is_expired(expires_at, now):
+                # Only the revocation check is due: the signature and claims were verified already.
+                await self._check_revocation(principal)
+                self._remember(digest, principal, expires_at, now)
+                return principal
 
         principal, expires_at = await self._verify_uncached(token, now)
 
+        await self._check_revocation(principal)
+        self._remember(digest, principal, expires_at, now)
+        return principal
+
+    def forget_user(self, uid: str) -> None:
+        """Drop the cached tokens of a user, so their next call is verified and checked again."""
+        for digest in [d for d, (principal, _, _) in self._cache.items() if principal.uid == uid]:
+            del self._cache[digest]
+
+    async def _check_revocation(self, principal: Principal) -> None:
         if self._revocation_checker is not None:
             await self._revocation_checker(principal)
-        self._remember(digest, principal, expires_at)
-        return principal
+
+    def _is_recheck_due(self, checked_at: float, now: float) -> bool:
+        return self._revocation_checker is not None and now - checked_at >= self._revocation_recheck_seconds
 
     async def _verify_uncached(self, token: str, now: float) -> tuple[Principal, float]:
         header, claims, signing_input, signature = decode_token(token)
@@ -249,10 +269,10 @@ class FirebaseTokenVerifier:
     def _is_expired(self, expires_at: float, now: float) -> bool:
         return expires_at + self._skew < now
 
-    def _remember(self, digest: bytes, principal: Principal, expires_at: float) -> None:
+    def _remember(self, digest: bytes, principal: Principal, expires_at: float, checked_at: float) -> None:
         if self._cache_size == 0:
             return
-        self._cache[digest] = (principal, expires_at)
+        self._cache[digest] = (principal, expires_at, checked_at)
         self._cache.move_to_end(digest)
         while len(self._cache) > self._cache_size:
             self._cache.popitem(last=False)

@@ -197,11 +197,6 @@ async def test_new_sign_in_after_revocation_works(auth_server, auth_emulator, us
     assert identity.uid == user.uid
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the token verifier caches verified tokens and checks revocation only on a cache miss, "
-    "so the token that called RevokeSessions stays accepted until it expires",
-)
 async def test_revoke_sessions_rejects_calling_token(auth_server, user):
     wait_until_after(token_claims(user.id_token)["auth_time"])
     await revoke_sessions(auth_server, user.id_token)

@@ -497,7 +497,7 @@ async def test_cache_evicts_least_recently_used(
     assert len(signature_checks) == 4
 
 
-async def test_revocation_checker_runs_on_cache_miss_only(certificates: CertificateSource, maker: TokenMaker) -> None:
+async def test_revocation_checker_skips_fresh_cache_hits(certificates: CertificateSource, maker: TokenMaker) -> None:
     checked: list[str] = []
 
     async def check(principal: Principal) -> None:
@@ -532,6 +532,43 @@ async def test_revoked_token_is_rejected_and_not_cached(certificates: Certificat
     assert first == "TOKEN_REVOKED"
     assert second == "TOKEN_REVOKED"
     assert checked == ["user-1", "user-1"]
+
+
+async def test_cached_token_is_rechecked_after_interval(certificates: CertificateSource, maker: TokenMaker) -> None:
+    checked: list[str] = []
+
+    async def check(principal: Principal) -> None:
+        checked.append(principal.uid)
+
+    clock = FakeClock(maker.now)
+    verifier = FirebaseTokenVerifier(
+        project_id=PROJECT_ID, certificates=certificates, clock=clock, revocation_checker=check,
+        revocation_recheck_seconds=60,
+    )
+    token = maker.signed()
+
+    await verifier.verify(token)
+    clock.advance(30)
+    await verifier.verify(token)
+    clock.advance(31)
+    await verifier.verify(token)
+
+    assert checked == ["user-1", "user-1"]
+
+
+async def test_forget_user_drops_cached_tokens(
+    certificates: CertificateSource, maker: TokenMaker, signature_checks: list[str]
+) -> None:
+    verifier = FirebaseTokenVerifier(project_id=PROJECT_ID, certificates=certificates, clock=FakeClock(maker.now))
+    token = maker.signed()
+
+    await verifier.verify(token)
+    verifier.forget_user("someone-else")
+    await verifier.verify(token)
+    verifier.forget_user("user-1")
+    await verifier.verify(token)
+
+    assert len(signature_checks) == 2
 
 
 # The development key pair over file://.
