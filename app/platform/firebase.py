@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -22,22 +23,33 @@ import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any, TypeVar
-
-import firebase_admin
-import google.auth.exceptions
-from firebase_admin import auth, exceptions
 
 from app.platform.auth.tokens import TokenRejected, format_time
 from app.platform.context import Principal
-from app.platform.errors import FailedPrecondition, FieldViolation, InvalidInput, NotFound, Unavailable
+from app.platform.errors import FailedPrecondition, FieldViolation, InvalidInput, NotFound, ServiceError, Unavailable
 
 if TYPE_CHECKING:
+    from firebase_admin import auth
+
     from app.settings import Settings
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+
+
+@functools.cache
+def _sdk() -> SimpleNamespace:
+    """Import firebase_admin on first use: it adds about 12 MB to a server that may never call it."""
+    import firebase_admin
+    import google.auth.exceptions
+    from firebase_admin import auth, exceptions
+
+    return SimpleNamespace(
+        firebase_admin=firebase_admin, auth=auth, exceptions=exceptions, google_auth_exceptions=google.auth.exceptions
+    )
 
 # NOTE: defaults chosen for an admin RPC and one revocation lookup per new token, not measured
 # under load; they are candidates for settings.
@@ -109,12 +121,8 @@ class FirebaseAdmin:
         self._slots = asyncio.Semaphore(max_concurrency)
         # Called with the uid after each successful revoke_sessions, e.g. to drop cached tokens.
         self.revocation_listeners: list[Callable[[str], None]] = []
-        # A named app of its own, so that no other code's default app or options leak in. The SDK
-        # stops its HTTP retries at the same deadline as the caller's wait.
-        self._app = firebase_admin.initialize_app(
-            options={"projectId": project_id, "httpTimeout": timeout_seconds},
-            name=f"functions-{uuid.uuid4().hex}",
-        )
+        # The firebase_admin app is created with the first client (see _auth_client).
+        self._app = None
         self._client: auth.Client | None = None
         self._client_lock = threading.Lock()
         self._credentials_retry_at = float("-inf")
@@ -125,8 +133,12 @@ class FirebaseAdmin:
         return cls(project_id=settings.firebase_project_id, emulator_host=settings.firebase_auth_emulator_host)
 
     def close(self) -> None:
-        """Delete the firebase_admin app and its HTTP session."""
-        firebase_admin.delete_app(self._app)
+        """Delete the firebase_admin app and its HTTP session, if a call created them."""
+        with self._client_lock:
+            if self._app is not None:
+                _sdk().firebase_admin.delete_app(self._app)
+                self._app = None
+                self._client = None
 
     async def get_user(self, uid: str) -> FirebaseUser:
         """Return the user with this uid.
@@ -225,21 +237,13 @@ class FirebaseAdmin:
                 exc_info=error, extra={"firebase_operation": operation, "uid": uid},
             )
             raise Unavailable(UNAVAILABLE_MESSAGE, reason="FIREBASE_UNAVAILABLE") from error
-        except auth.UserNotFoundError as error:
-            raise NotFound(f"user {uid} not found", reason="USER_NOT_FOUND") from error
-        except exceptions.InvalidArgumentError as error:
-            raise InvalidInput(FieldViolation(field, f"was rejected by Firebase Auth: {error}")) from error
-        except ValueError as error:
-            # The SDK checks its arguments before any request and raises ValueError.
-            raise InvalidInput(FieldViolation(field, f"was rejected by Firebase Auth: {error}")) from error
-        except (exceptions.FirebaseError, google.auth.exceptions.TransportError) as error:
-            if not _is_outage(error):
+        except ServiceError:
+            raise
+        except Exception as error:
+            translated = _translate_sdk_error(error, operation, uid, field)
+            if translated is None:
                 raise
-            log.error(
-                "Firebase Auth %s failed: %s", operation, type(error).__name__,
-                exc_info=error, extra={"firebase_operation": operation, "uid": uid},
-            )
-            raise Unavailable(UNAVAILABLE_MESSAGE, reason="FIREBASE_UNAVAILABLE") from error
+            raise translated from error
 
     def _release_slot(self, work: asyncio.Future) -> None:
         self._slots.release()
@@ -253,16 +257,24 @@ class FirebaseAdmin:
 
     def _auth_client(self) -> auth.Client:
         """Return the SDK client, creating it on first use; runs in a worker thread."""
+        sdk = _sdk()
         with self._client_lock:
             if self._client is not None:
                 return self._client
             if self._clock() < self._credentials_retry_at:
                 raise FailedPrecondition(MISSING_CREDENTIALS_MESSAGE, reason="FIREBASE_CREDENTIALS_MISSING")
 
+            if self._app is None:
+                # A named app of its own, so that no other code's default app or options leak in.
+                # The SDK stops its HTTP retries at the same deadline as the caller's wait.
+                self._app = sdk.firebase_admin.initialize_app(
+                    options={"projectId": self.project_id, "httpTimeout": self._timeout_seconds},
+                    name=f"functions-{uuid.uuid4().hex}",
+                )
             try:
                 with _emulator_environment(self.emulator_host):
-                    self._client = auth.Client(self._app)
-            except google.auth.exceptions.DefaultCredentialsError as error:
+                    self._client = sdk.auth.Client(self._app)
+            except sdk.google_auth_exceptions.DefaultCredentialsError as error:
                 self._credentials_retry_at = self._clock() + CREDENTIALS_RETRY_SECONDS
                 log.error("Firebase Admin credentials are not configured: %s", error)
                 raise FailedPrecondition(MISSING_CREDENTIALS_MESSAGE, reason="FIREBASE_CREDENTIALS_MISSING") from error
@@ -290,9 +302,28 @@ def _emulator_environment(host: str) -> Iterator[None]:
                 os.environ[EMULATOR_HOST_VARIABLE] = previous
 
 
+def _translate_sdk_error(error: Exception, operation: str, uid: str, field: str) -> ServiceError | None:
+    """Return the service error for an SDK error, or None when it is unexpected."""
+    sdk = _sdk()
+    if isinstance(error, sdk.auth.UserNotFoundError):
+        return NotFound(f"user {uid} not found", reason="USER_NOT_FOUND")
+    # The SDK checks its arguments before any request and raises ValueError.
+    if isinstance(error, sdk.exceptions.InvalidArgumentError | ValueError):
+        return InvalidInput(FieldViolation(field, f"was rejected by Firebase Auth: {error}"))
+    if isinstance(error, sdk.exceptions.FirebaseError | sdk.google_auth_exceptions.TransportError) and _is_outage(error):
+        log.error(
+            "Firebase Auth %s failed: %s", operation, type(error).__name__,
+            exc_info=error, extra={"firebase_operation": operation, "uid": uid},
+        )
+        return Unavailable(UNAVAILABLE_MESSAGE, reason="FIREBASE_UNAVAILABLE")
+    return None
+
+
 def _is_outage(error: Exception) -> bool:
     """Return whether an SDK error means Firebase Auth is down, slow or unreachable."""
-    if isinstance(error, google.auth.exceptions.TransportError):
+    sdk = _sdk()
+    exceptions = sdk.exceptions
+    if isinstance(error, sdk.google_auth_exceptions.TransportError):
         return True
     if isinstance(error, exceptions.UnavailableError | exceptions.DeadlineExceededError | exceptions.InternalError):
         return True
@@ -300,7 +331,7 @@ def _is_outage(error: Exception) -> bool:
     if response is not None:
         return response.status_code >= 500
     # No HTTP response at all: the request failed in transport.
-    return isinstance(error, exceptions.UnknownError)
+    return isinstance(error, sdk.exceptions.UnknownError)
 
 
 def _is_host_and_port(value: str) -> bool:
