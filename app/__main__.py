@@ -68,6 +68,13 @@ def dev_token(settings: Settings, args: argparse.Namespace) -> None:
     print(token)
 
 
+def _describe_setting_error(error: dict) -> str:
+    """Name the environment variable of a settings error, when it concerns one."""
+    message = error["msg"].removeprefix("Value error, ")
+    names = [str(part).upper() for part in error.get("loc", ()) if part != "__root__"]
+    return f"{'.'.join(names)}: {message}" if names else message
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m app", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -95,7 +102,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         settings = Settings()
     except ValidationError as error:
-        messages = "; ".join(e["msg"].removeprefix("Value error, ") for e in error.errors())
+        messages = "; ".join(_describe_setting_error(e) for e in error.errors())
         raise SystemExit(f"invalid settings: {messages}") from None
     args.run(settings, args)
 

@@ -11,6 +11,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 GOOGLE_CERTS_URL = "https://www.googleapis.com/robot/v1/metadata/x509/securetoken@system.gserviceaccount.com"
 ALL_SERVICES = ("auth", "users")
+DEV_PROJECT_ID = "functions-dev"
 
 
 def _split_list(value: object) -> object:
@@ -41,7 +42,7 @@ class Settings(BaseSettings):
     # when the port alone does not tell; prepared-statement caches are then off.
     database_pooler: bool = False
 
-    firebase_project_id: str = "functions-dev"
+    firebase_project_id: str = DEV_PROJECT_ID
     # Empty means the local development key pair under dev_keys_dir.
     firebase_certs_url: str = ""
     firebase_auth_emulator_host: str = ""
@@ -72,12 +73,18 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _check(self) -> Settings:
+        if not self.database_url.startswith(("sqlite", "postgres")):
+            raise ValueError(f"DATABASE_URL must be a sqlite or postgresql URL: got scheme {self.database_url.split(':')[0]!r}")
         unknown = sorted(set(self.enabled_services) - set(ALL_SERVICES))
         if unknown:
             raise ValueError(f"ENABLED_SERVICES has unknown services {unknown}: known are {list(ALL_SERVICES)}")
         if self.app_env == "production":
             if self.firebase_auth_emulator_host:
                 raise ValueError("FIREBASE_AUTH_EMULATOR_HOST must be empty when APP_ENV=production: emulator tokens are unsigned")
+            if self.firebase_project_id == DEV_PROJECT_ID:
+                raise ValueError(
+                    f"FIREBASE_PROJECT_ID must name your Firebase project when APP_ENV=production: got the development default {DEV_PROJECT_ID!r}"
+                )
             if self.firebase_certs_url != GOOGLE_CERTS_URL:
                 raise ValueError(f"FIREBASE_CERTS_URL must be {GOOGLE_CERTS_URL} when APP_ENV=production: got {self.firebase_certs_url!r}")
         return self

@@ -16,12 +16,15 @@ EMULATOR_MESSAGE = "FIREBASE_AUTH_EMULATOR_HOST must be empty when APP_ENV=produ
 
 
 def production_env(**extra: str) -> dict[str, str]:
-    return {"APP_ENV": "production", "FIREBASE_CERTS_URL": GOOGLE_CERTS_URL, **extra}
+    return {"APP_ENV": "production", "FIREBASE_CERTS_URL": GOOGLE_CERTS_URL, "FIREBASE_PROJECT_ID": "acme-prod", **extra}
 
 
 def test_production_rejects_emulator_host():
     with pytest.raises(ValidationError, match=EMULATOR_MESSAGE):
-        Settings(app_env="production", firebase_certs_url=GOOGLE_CERTS_URL, firebase_auth_emulator_host="127.0.0.1:9099")
+        Settings(
+            app_env="production", firebase_certs_url=GOOGLE_CERTS_URL, firebase_project_id="acme-prod",
+            firebase_auth_emulator_host="127.0.0.1:9099",
+        )
 
 
 def test_production_rejects_emulator_host_from_environment(monkeypatch):
@@ -40,6 +43,21 @@ def test_production_without_emulator_is_accepted(monkeypatch):
 
     assert settings.app_env == "production"
     assert settings.firebase_auth_emulator_host == ""
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"firebase_certs_url": ""}, "FIREBASE_CERTS_URL must be"),
+        ({"firebase_certs_url": "http://127.0.0.1:9/certs"}, "FIREBASE_CERTS_URL must be"),
+        ({"firebase_project_id": "functions-dev"}, "FIREBASE_PROJECT_ID must name your Firebase project"),
+    ],
+)
+def test_production_rejects_development_defaults(overrides, message):
+    values = {"app_env": "production", "firebase_certs_url": GOOGLE_CERTS_URL, "firebase_project_id": "acme-prod"}
+
+    with pytest.raises(ValidationError, match=message):
+        Settings(**{**values, **overrides})
 
 
 @pytest.mark.parametrize("app_env", ["development", "test"])
