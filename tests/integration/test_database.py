@@ -83,7 +83,7 @@ def test_direct_url_keeps_statement_caches() -> None:
 
 
 def test_unknown_backend_is_rejected() -> None:
-    with pytest.raises(ValueError, match="got backend 'mysql'"):
+    with pytest.raises(ValueError, match="DATABASE_URL must be a sqlite or postgresql URL: got scheme 'mysql'"):
         engine_config(settings_for("mysql://u@db.example.com/app"))
 
 
