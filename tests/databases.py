@@ -27,9 +27,9 @@ BACKENDS = [
 ]
 
 
-async def _run_admin_sql(server_url: str, statement: str) -> None:
-    """Run one statement outside a transaction on the server's maintenance database."""
-    url = make_url(server_url)
+async def run_admin_sql(statement: str, server_url: str | None = None) -> None:
+    """Run one statement outside a transaction on the maintenance database of TEST_POSTGRES_URL."""
+    url = make_url(server_url or os.environ[POSTGRES_URL_VARIABLE])
     connection = await asyncpg.connect(
         host=url.host or "127.0.0.1",
         port=url.port or 5432,
@@ -47,14 +47,14 @@ async def create_postgres_database(prefix: str = "functions_test") -> tuple[str,
     """Create a uniquely named database on TEST_POSTGRES_URL's server; return its name and asyncpg URL."""
     server_url = os.environ[POSTGRES_URL_VARIABLE]
     name = f"{prefix}_{secrets.token_hex(6)}"
-    await _run_admin_sql(server_url, f'CREATE DATABASE "{name}"')
+    await run_admin_sql(f'CREATE DATABASE "{name}"', server_url)
     url = make_url(server_url).set(drivername="postgresql+asyncpg", database=name)
     return name, url.render_as_string(hide_password=False)
 
 
 async def drop_postgres_database(name: str) -> None:
     """Drop a database made by create_postgres_database, ending connections still open to it."""
-    await _run_admin_sql(os.environ[POSTGRES_URL_VARIABLE], f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    await run_admin_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 @contextlib.contextmanager

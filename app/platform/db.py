@@ -28,7 +28,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from sqlalchemy.orm import DeclarativeBase
 from sqlalchemy.types import TypeDecorator
 
-from app.platform.errors import Unavailable
+from app.platform.errors import Aborted, FieldViolation, InvalidInput, Unavailable
 from app.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -41,7 +41,11 @@ POOLER_QUERY_FLAG = "pgbouncer"
 MIGRATIONS_DIR = Path(__file__).resolve().parents[2] / "migrations"
 # SQLSTATE classes that mean the server or pooler cannot serve the connection right now:
 # 08 connection exception, 53 insufficient resources, 57 operator intervention (shutdown).
-_UNAVAILABLE_SQLSTATE_CLASSES = ("08", "53", "57")
+_UNAVAILABLE_SQLSTATE_CLASSES = ("08", "53", "57", "3D")
+# SQLSTATE classes of Postgres: 22 is a value the column type cannot hold (NUL in text, a number
+# out of range), 40 a serialization failure or deadlock that a retry may pass.
+_DATA_EXCEPTION_CLASS = "22"
+_TRANSACTION_ROLLBACK_CLASS = "40"
 
 
 class Base(DeclarativeBase):
@@ -196,6 +200,31 @@ def is_unavailable_error(error: BaseException) -> bool:
     return False
 
 
+def _sqlstate_class(error: BaseException) -> str | None:
+    for cause in _exception_chain(error):
+        sqlstate = getattr(cause, "sqlstate", None)
+        if isinstance(sqlstate, str):
+            return sqlstate[:2]
+    return None
+
+
+def _translate_statement_error(error: BaseException) -> Exception | None:
+    """Return the service error for a statement the database rejected, or None when it is unexpected.
+
+    Validation should reject such values first, so this only backs it up; the message names no SQL.
+    """
+    if not isinstance(error, sa_exc.DBAPIError):
+        return None
+    sqlstate_class = _sqlstate_class(error)
+    if sqlstate_class == _DATA_EXCEPTION_CLASS:
+        log.warning("the database rejected a value: %s", type(error.orig).__name__)
+        return InvalidInput(FieldViolation("request", "contains a value the database cannot store, such as a NUL character"))
+    if sqlstate_class == _TRANSACTION_ROLLBACK_CLASS:
+        log.warning("transaction rolled back by the database: %s", type(error.orig).__name__)
+        return Aborted("the change conflicted with a concurrent one; retry")
+    return None
+
+
 def _exception_chain(error: BaseException) -> list[BaseException]:
     chain: list[BaseException] = []
     current: BaseException | None = error
@@ -247,6 +276,9 @@ class Database:
             await self._rollback(session)
             if is_unavailable_error(error):
                 raise _unavailable(error) from error
+            translated = _translate_statement_error(error)
+            if translated is not None:
+                raise translated from error
             raise
         finally:
             await self._close(session)

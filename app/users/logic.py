@@ -28,6 +28,7 @@ from app.users.model import (
 from app.users.validation import (
     check_photo_url,
     check_profile_changes,
+    check_lookup_text,
     check_update_mask,
     is_control_character,
     shown,
@@ -71,6 +72,8 @@ async def get_profile(session: AsyncSession, uid: str) -> UserProfile:
     """Return the profile of `uid`, or raise NotFound when that user has none."""
     if len(uid) > UID_MAX_LENGTH:
         raise InvalidInput(FieldViolation("uid", f"must be at most {UID_MAX_LENGTH} characters: got {len(uid)}"))
+    if (problem := check_lookup_text(uid)) is not None:
+        raise InvalidInput(FieldViolation("uid", problem))
     return await store.get_user(session, uid)
 
 
@@ -128,6 +131,8 @@ async def list_profiles(session: AsyncSession, page_size: int, page_token: str, 
         violations.append(
             FieldViolation("email_prefix", f"must be at most {EMAIL_MAX_LENGTH} characters: got {len(email_prefix)}")
         )
+    if (problem := check_lookup_text(email_prefix)) is not None:
+        violations.append(FieldViolation("email_prefix", problem))
     if violations:
         raise InvalidInput(violations)
 
@@ -185,9 +190,11 @@ def decode_page_token(page_token: str, email_prefix: str) -> str:
     try:
         payload = base64.b64decode(encoded + "=" * (-len(encoded) % 4), altchars=b"-_", validate=True)
         after_uid, token_prefix = json.loads(payload)
-    except (binascii.Error, ValueError, TypeError):
+    except (binascii.Error, ValueError, TypeError, RecursionError):
         raise invalid from None
     if not isinstance(after_uid, str) or not isinstance(token_prefix, str) or not 0 < len(after_uid) <= UID_MAX_LENGTH:
+        raise invalid
+    if check_lookup_text(after_uid) is not None:
         raise invalid
 
     if token_prefix != email_prefix:

@@ -119,7 +119,17 @@ def check_preferences(preferences: Mapping[str, str]) -> list[str]:
             problems.append(
                 f"value of key {shown(key)} must be at most {PREFERENCE_VALUE_MAX_LENGTH} characters: got {len(value)}"
             )
+        elif (problem := _check_no_control_characters(value, allowed=_BIO_ALLOWED_CONTROLS)) is not None:
+            problems.append(f"value of key {shown(key)} {problem}")
     return problems
+
+
+def check_lookup_text(value: str) -> str | None:
+    """Check a string used to look data up (a uid, an email prefix): no control characters.
+
+    Postgres cannot store or compare NUL in text, and no uid or email contains a control character.
+    """
+    return _check_no_control_characters(value, allowed=frozenset())
 
 
 _FIELD_CHECKS = {

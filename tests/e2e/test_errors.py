@@ -264,3 +264,42 @@ def test_unknown_method_is_unimplemented_over_grpc(server) -> None:
             missing(b"", timeout=10)
 
     assert raised.value.code() == grpc.StatusCode.UNIMPLEMENTED
+
+
+CONTROL_CHARACTER_REQUESTS = [
+    pytest.param(
+        "UpdateMe",
+        user_pb2.UpdateMeRequest(
+            user=user_pb2.User(preferences={"a": "x\x00y"}), update_mask=field_mask_pb2.FieldMask(paths=["preferences"])
+        ),
+        user_pb2.UpdateMeResponse,
+        "user.preferences",
+        id="nul in preference value",
+    ),
+    pytest.param(
+        "UpdateMe",
+        user_pb2.UpdateMeRequest(
+            user=user_pb2.User(preferences={"a": "\x1b[31mred"}), update_mask=field_mask_pb2.FieldMask(paths=["preferences"])
+        ),
+        user_pb2.UpdateMeResponse,
+        "user.preferences",
+        id="escape in preference value",
+    ),
+    pytest.param("GetUser", user_pb2.GetUserRequest(uid="a\x00b"), user_pb2.GetUserResponse, "uid", id="nul in uid"),
+    pytest.param(
+        "ListUsers", user_pb2.ListUsersRequest(email_prefix="\x00"), user_pb2.ListUsersResponse, "email_prefix",
+        id="nul in email prefix",
+    ),
+]
+
+
+@pytest.mark.parametrize(("method", "request_message", "response_type", "field"), CONTROL_CHARACTER_REQUESTS)
+async def test_control_characters_are_invalid(protocol, server, tokens, method, request_message, response_type, field) -> None:
+    admin = tokens.mint(new_uid("admin"), roles=["admin"])
+
+    with pytest.raises(RpcError) as raised:
+        await call(protocol, server.address, USERS, method, request_message, response_type, token=admin)
+
+    assert raised.value.code == "invalid_argument"
+    assert field in raised.value.violations
+    assert "control characters" in raised.value.violations[field]

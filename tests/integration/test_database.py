@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import secrets
 from datetime import UTC, datetime
 from pathlib import Path
@@ -14,10 +15,17 @@ from alembic.runtime.migration import MigrationContext
 from sqlalchemy import func, select, text
 
 from app.platform.db import UNAVAILABLE_MESSAGE, Base, Database, engine_config
-from app.platform.errors import Unavailable
+from app.platform.errors import InvalidInput, Unavailable
 from app.users import store
 from app.settings import Settings
 from app.users.model import UserProfile, UserRow
+from tests.databases import (
+    POSTGRES_MISSING,
+    POSTGRES_URL_VARIABLE,
+    create_postgres_database,
+    drop_postgres_database,
+    run_admin_sql,
+)
 from tests.servers import free_port
 
 NOW = datetime(2026, 3, 1, tzinfo=UTC)
@@ -205,3 +213,39 @@ async def test_migrations_match_models(database: Database) -> None:
         differences = await connection.run_sync(compare)
 
     assert differences == []
+
+
+async def test_value_postgres_cannot_store_is_invalid_input(postgres_database: Database) -> None:
+    with pytest.raises(InvalidInput) as raised:
+        async with postgres_database.unit_of_work() as session:
+            await session.execute(text("SELECT CAST(:value AS text)"), {"value": "a\x00b"})
+
+    assert raised.value.violations[0].field == "request"
+    assert "SELECT" not in raised.value.message
+
+
+async def test_renamed_database_is_unavailable_then_recovers() -> None:
+    if not os.environ.get(POSTGRES_URL_VARIABLE):
+        pytest.skip(POSTGRES_MISSING)
+    name, url = await create_postgres_database("functions_rename")
+    moved = f"{name}_moved"
+    database = Database.from_settings(settings_for(url))
+    try:
+        await database.ping()
+        await database.dispose()
+        await run_admin_sql(f'ALTER DATABASE "{name}" RENAME TO "{moved}"')
+
+        with pytest.raises(Unavailable) as raised:
+            async with database.unit_of_work() as session:
+                await session.execute(text("SELECT 1"))
+
+        await run_admin_sql(f'ALTER DATABASE "{moved}" RENAME TO "{name}"')
+        async with database.unit_of_work() as session:
+            recovered = (await session.execute(text("SELECT 1"))).scalar_one()
+    finally:
+        await database.dispose()
+        await run_admin_sql(f'DROP DATABASE IF EXISTS "{moved}" WITH (FORCE)')
+        await drop_postgres_database(name)
+
+    assert raised.value.message == UNAVAILABLE_MESSAGE
+    assert recovered == 1
