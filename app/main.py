@@ -158,6 +158,8 @@ def create_app(settings: Settings | None = None) -> Starlette:
     ]
     app = Starlette(routes=routes, middleware=platform_middleware(settings, verifier), lifespan=lifespan)
     app.router.default = NotFoundApp()
+    # Starlette would redirect `/Service` to `/Service/` using the request's Host header.
+    app.router.redirect_slashes = False
     app.state.settings = settings
     app.state.database = database
     app.state.health = health

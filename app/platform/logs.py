@@ -47,6 +47,10 @@ class JSONFormatter(logging.Formatter):
 class TextFormatter(logging.Formatter):
     """Format a record as one readable line, with the request id and uid when known."""
 
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        # A request path or header value may contain line breaks; escaped, it cannot forge a line.
+        return super().formatMessage(record).replace("\r", "\\r").replace("\n", "\\n")
+
     def format(self, record: logging.LogRecord) -> str:
         line = super().format(record)
         context = " ".join(

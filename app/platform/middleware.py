@@ -16,7 +16,7 @@ import uuid
 from connectrpc.code import Code
 
 from app.platform.context import Principal, auth_error_var, principal_var, request_id_var
-from app.platform.errors import ServiceError, Unauthenticated, Unavailable
+from app.platform.errors import ServiceError, Unauthenticated
 from app.platform.wire import detect_protocol, header, send_error
 
 log = logging.getLogger(__name__)
@@ -52,6 +52,9 @@ class RequestContextMiddleware:
                 outcome["status"] = message["status"]
                 headers = list(message.get("headers", ()))
                 headers.append((b"x-request-id", request_id.encode()))
+                if not any(key == b"cache-control" for key, _ in headers):
+                    # Replies carry one caller's data, so shared caches must not keep them.
+                    headers.append((b"cache-control", b"private, no-store"))
                 outcome["grpc_status"] = _grpc_status(headers) or outcome["grpc_status"]
                 message = {**message, "headers": headers}
             elif message["type"] == "http.response.trailers":
@@ -62,7 +65,14 @@ class RequestContextMiddleware:
             await send(message)
 
         try:
-            await self.app(scope, receive, send_with_request_id)
+            bad_header = _first_non_utf8_header(scope)
+            if bad_header is not None:
+                await send_error(
+                    scope, send_with_request_id, Code.INVALID_ARGUMENT,
+                    f"request header {bad_header} must be valid UTF-8", reason="INVALID_HEADER",
+                )
+            else:
+                await self.app(scope, receive, send_with_request_id)
         finally:
             self._log(scope, outcome, time.perf_counter() - started)
             auth_error_var.reset(auth_error_token)
@@ -91,6 +101,16 @@ class RequestContextMiddleware:
                 "uid": principal.uid if principal else None,
             },
         )
+
+
+def _first_non_utf8_header(scope) -> str | None:
+    """Return the name of the first header whose value is not UTF-8, which connectrpc cannot decode."""
+    for key, value in scope.get("headers", ()):
+        try:
+            value.decode()
+        except UnicodeDecodeError:
+            return key.decode("latin-1")
+    return None
 
 
 def _grpc_status(headers) -> str:
@@ -309,8 +329,9 @@ class AuthMiddleware:
             auth_error_var.set(error)
             return
         except Exception:
+            # Fail closed: a token the verifier cannot process is not accepted.
             log.exception("token verification failed unexpectedly")
-            auth_error_var.set(Unavailable("authentication is temporarily unavailable; retry later"))
+            auth_error_var.set(Unauthenticated("ID token could not be verified", reason="VERIFICATION_FAILED"))
             return
         principal_var.set(principal)
 

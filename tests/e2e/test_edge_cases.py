@@ -217,3 +217,50 @@ async def test_certificate_outage_fails_fast_and_recovers(outage_server, signing
 
     assert recovered.status_code == 200
     assert recovered.json()["user"]["uid"] == "outage"
+
+
+def raw_request(server, request: bytes) -> bytes:
+    """Send bytes over a plain socket and return the reply, for requests httpx refuses to build."""
+    import socket
+
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        sock.sendall(request)
+        reply = b""
+        while chunk := sock.recv(65536):
+            reply += chunk
+    return reply
+
+
+@pytest.mark.parametrize(
+    ("content_type", "expected"),
+    [(b"application/json", b'"code":"invalid_argument"'), (b"application/grpc-web+proto", b"grpc-status: 3")],
+)
+def test_non_utf8_header_is_invalid_argument(server, content_type, expected) -> None:
+    reply = raw_request(
+        server,
+        b"POST /functions.user.v1.UserService/GetMe HTTP/1.1\r\nhost: x\r\nconnection: close\r\n"
+        b"content-type: " + content_type + b"\r\nx-odd: \xe9\r\ncontent-length: 2\r\n\r\n{}",
+    )
+
+    assert expected in reply
+    assert b"x-odd" in reply
+    assert b"codec" not in reply
+
+
+def test_rpc_replies_are_not_cacheable(server, tokens) -> None:
+    reply = httpx.get(
+        f"{server.url}/{USERS}/GetMe",
+        params={"encoding": "json", "message": "{}"},
+        headers={"authorization": f"Bearer {tokens.mint('cache')}"},
+    )
+
+    assert reply.status_code == 200
+    assert "no-store" in reply.headers["cache-control"]
+    assert "private" in reply.headers["cache-control"]
+
+
+def test_service_path_without_slash_is_not_redirected(server) -> None:
+    reply = httpx.post(f"{server.url}/{USERS}", content=b"{}", headers={"host": "evil.example", "content-type": "application/json"})
+
+    assert reply.status_code != 307
+    assert "location" not in reply.headers

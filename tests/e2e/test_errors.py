@@ -303,3 +303,31 @@ async def test_control_characters_are_invalid(protocol, server, tokens, method, 
     assert raised.value.code == "invalid_argument"
     assert field in raised.value.violations
     assert "control characters" in raised.value.violations[field]
+
+
+@pytest.mark.parametrize(
+    ("body", "field", "problem"),
+    [
+        (b"[]", "request body", "must be a JSON object: got array"),
+        (b"null", "request body", "must be a JSON object: got null"),
+        (b'{"user": "garbage"}', "user", "must be a JSON object: got string"),
+        (b'{"user": 5}', "user", "must be a JSON object: got number"),
+        (b'{"updateMask": "bio", "update_mask": "locale"}', "update_mask", "must appear once"),
+        (b"[" * 5000, "request body", "must not nest JSON values this deeply"),
+        (b'{"user": {"preferences": {"theme": 1}}}', "request body", "preferences"),
+    ],
+)
+def test_wrongly_shaped_json_names_the_field(server, tokens, body, field, problem) -> None:
+    uid = new_uid("shape")
+    token = tokens.mint(uid, name="Unchanged")
+    headers = {"content-type": "application/json", "authorization": f"Bearer {token}"}
+
+    response = httpx.post(f"{server.url}/{USERS}/UpdateMe", content=body, headers=headers)
+    after = httpx.post(f"{server.url}/{USERS}/GetMe", content=b"{}", headers=headers)
+
+    assert response.status_code == 400
+    assert response.json()["code"] == "invalid_argument"
+    assert response.json()["message"].startswith(field)
+    assert problem in response.json()["message"]
+    assert "Error" not in response.json()["message"]
+    assert after.json()["user"]["displayName"] == "Unchanged"

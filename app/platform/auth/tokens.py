@@ -58,6 +58,10 @@ _BASE64URL = re.compile(r"[A-Za-z0-9_-]*")
 _RETRY_HINT = "get a fresh token from the client SDK and retry"
 
 
+# 9999-12-31T23:59:59Z, the last second a google.protobuf.Timestamp can hold.
+MAX_EPOCH_SECONDS = 253_402_300_799
+
+
 class TokenRejected(Unauthenticated):
     """An ID token that failed verification; `reason` is the machine-readable cause.
 
@@ -239,9 +243,11 @@ class FirebaseTokenVerifier:
     def _check_times(self, claims: dict[str, Any], now: float) -> None:
         for name in ("exp", "iat", "auth_time"):
             value = claims[name]
-            if isinstance(value, bool) or not isinstance(value, int | float):
+            # 1e309 parses as float infinity, and a huge number breaks Timestamp conversion later.
+            if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= MAX_EPOCH_SECONDS:
                 raise TokenRejected(
-                    f"ID token {name} must be a number of seconds since the epoch: got {describe_value(value)}",
+                    f"ID token {name} must be a number of seconds since the epoch before the year 10000: "
+                    f"got {describe_value(value)}",
                     reason="MALFORMED_TOKEN",
                 )
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+
 import asyncio
 import logging
 import os
@@ -11,6 +13,8 @@ import time
 from collections.abc import AsyncIterator, Iterator
 
 import pytest
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import padding
 
 from app.platform.auth import (
     CertificateSource,
@@ -119,6 +123,22 @@ async def test_token_case(case: TokenCase, verifier: FirebaseTokenVerifier, make
     assert caught.value.reason == case.reason
     if len(token) > 20:
         assert token not in caught.value.message
+
+
+@pytest.mark.parametrize("claim", ["exp", "iat", "auth_time"])
+@pytest.mark.parametrize("raw_value", ["1e309", "-1e309", "1e300", "-5", "253402300800"])
+async def test_out_of_range_time_is_malformed(verifier: FirebaseTokenVerifier, maker: TokenMaker, claim: str, raw_value: str) -> None:
+    # Written into the JSON by hand: 1e309 is a valid JSON number that Python reads as infinity.
+    marker = 4242424242
+    claims = maker.claims(**{claim: marker})
+    header, payload, _ = maker.signed(claims).split(".")
+    decoded = base64.urlsafe_b64decode(payload + "==").replace(str(marker).encode(), raw_value.encode())
+    forged_payload = base64.urlsafe_b64encode(decoded).rstrip(b"=").decode()
+    signing_input = f"{header}.{forged_payload}".encode()
+    signature = maker.key.sign(signing_input, padding.PKCS1v15(), hashes.SHA256())
+    token = f"{header}.{forged_payload}.{base64.urlsafe_b64encode(signature).rstrip(b'=').decode()}"
+
+    assert await reason_of(verifier, token) == "MALFORMED_TOKEN"
 
 
 async def test_mutated_tokens_raise_only_rejections(verifier: FirebaseTokenVerifier, maker: TokenMaker) -> None:
