@@ -121,7 +121,7 @@ def _grpc_status(headers) -> str:
 
 
 def _grpc_web_status(body: bytes) -> str:
-    # A gRPC-Web trailer frame starts with flag 0x80 and holds "grpc-status: N".
+    # A gRPC-Web trailer frame starts with flag 0x80 and contains "grpc-status: N".
     marker = body.rfind(b"grpc-status:")
     if marker < 0:
         return ""
@@ -162,7 +162,7 @@ CORS_MAX_AGE_SECONDS = 7200
 
 
 class CORSMiddleware:
-    """Answer CORS preflights before auth and rate limits, and mark replies to allowed origins."""
+    """Reply to CORS preflights before auth and rate limits, and mark replies to allowed origins."""
 
     def __init__(self, app, allowed_origins: list[str]) -> None:
         self.app = app
