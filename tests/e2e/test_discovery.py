@@ -1,0 +1,72 @@
+"""Probes and tools that need no local protos: /healthz, /readyz, gRPC health, server reflection."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import grpc
+import httpx
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from tests.servers import ROOT
+
+BUF = ROOT / "node_modules" / ".bin" / "buf"
+needs_buf = pytest.mark.skipif(not BUF.exists(), reason="node_modules/.bin/buf is missing: run `make install`")
+
+
+def test_http_probes(server) -> None:
+    healthz = httpx.get(f"{server.url}/healthz")
+    readyz = httpx.get(f"{server.url}/readyz")
+
+    assert healthz.json() == {"status": "ok"}
+    assert readyz.status_code == 200
+    assert readyz.json()["status"] == "ready"
+
+
+@pytest.mark.parametrize("service", ["", "functions.user.v1.UserService", "functions.auth.v1.AuthService"])
+def test_grpc_health_check_serving(server, service) -> None:
+    with grpc.insecure_channel(server.address) as channel:
+        reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=service), timeout=10)
+
+    assert reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_grpc_health_unknown_service_not_found(server) -> None:
+    with grpc.insecure_channel(server.address) as channel:
+        with pytest.raises(grpc.RpcError) as raised:
+            health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service="nope.v1.Nope"), timeout=10)
+
+    assert raised.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def buf_curl(server, *arguments: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [str(BUF), "curl", "--protocol", "grpc", "--http2-prior-knowledge", *arguments],
+        capture_output=True, text=True, timeout=60, cwd=Path("/"),
+    )
+
+
+@needs_buf
+def test_reflection_lists_every_service(server) -> None:
+    result = buf_curl(server, "--list-methods", server.url)
+
+    methods = set(result.stdout.split())
+    assert result.returncode == 0, result.stderr
+    assert "functions.user.v1.UserService/GetMe" in methods
+    assert "functions.auth.v1.AuthService/WhoAmI" in methods
+    assert "grpc.health.v1.Health/Check" in methods
+
+
+@needs_buf
+def test_buf_curl_calls_get_me_through_reflection(server, tokens) -> None:
+    result = buf_curl(
+        server, "-H", f"authorization: Bearer {tokens.mint('buf-user')}", "--data", "{}",
+        f"{server.url}/functions.user.v1.UserService/GetMe",
+    )
+
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["user"]["uid"] == "buf-user"
