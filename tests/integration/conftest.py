@@ -16,13 +16,8 @@ from pathlib import Path
 import pytest
 
 from app.platform.db import Database, migrate
-from app.settings import Settings
+from tests.integration.factories import settings_for
 from tests.databases import POSTGRES_MISSING, POSTGRES_URL_VARIABLE, create_postgres_database, drop_postgres_database
-
-
-def settings_for(database_url: str, **overrides: object) -> Settings:
-    """Build test settings for a database URL."""
-    return Settings(app_env="test", database_url=database_url, **overrides)
 
 
 @pytest.fixture(scope="session")

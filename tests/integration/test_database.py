@@ -6,7 +6,6 @@ import asyncio
 import logging
 import os
 import secrets
-from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -17,8 +16,7 @@ from sqlalchemy import func, select, text
 from app.platform.db import UNAVAILABLE_MESSAGE, Base, Database, engine_config
 from app.platform.errors import InvalidInput, Unavailable
 from app.users import store
-from app.settings import Settings
-from app.users.model import UserProfile, UserRow
+from app.users.model import UserRow
 from tests.databases import (
     POSTGRES_MISSING,
     POSTGRES_URL_VARIABLE,
@@ -26,27 +24,9 @@ from tests.databases import (
     drop_postgres_database,
     run_admin_sql,
 )
+from tests.integration.factories import new_profile, settings_for
 from tests.servers import free_port
 
-NOW = datetime(2026, 3, 1, tzinfo=UTC)
-
-
-def settings_for(database_url: str, **overrides: object) -> Settings:
-    return Settings(app_env="test", database_url=database_url, **overrides)
-
-
-def profile(uid: str) -> UserProfile:
-    return UserProfile(
-        uid=uid,
-        email=f"{uid}@example.com",
-        display_name="",
-        photo_url="",
-        locale="",
-        time_zone="",
-        bio="",
-        create_time=NOW,
-        update_time=NOW,
-    )
 
 
 @pytest.mark.parametrize(
@@ -122,7 +102,7 @@ async def test_unit_of_work_commits_on_success(database: Database) -> None:
     uid = f"commit-{secrets.token_hex(6)}"
 
     async with database.unit_of_work() as session:
-        await store.add_user(session, profile(uid))
+        await store.add_user(session, new_profile(uid))
 
     async with database.unit_of_work() as session:
         assert await store.find_user(session, uid) is not None
@@ -133,7 +113,7 @@ async def test_unit_of_work_rolls_back_on_error(database: Database) -> None:
 
     with pytest.raises(RuntimeError, match="stop here"):
         async with database.unit_of_work() as session:
-            await store.add_user(session, profile(uid))
+            await store.add_user(session, new_profile(uid))
             raise RuntimeError("stop here")
 
     async with database.unit_of_work() as session:

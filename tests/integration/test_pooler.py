@@ -17,7 +17,6 @@ import subprocess
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -27,10 +26,9 @@ from sqlalchemy.engine import make_url
 from app.platform.context import Principal, principal_var
 from app.platform.db import UNAVAILABLE_MESSAGE, Database
 from app.platform.errors import Unavailable
-from app.settings import Settings
 from app.users import store
 from app.users.handler import UserHandler
-from app.users.model import UserProfile
+from tests.integration.factories import new_profile, settings_for
 from tests.servers import free_port
 
 PGBOUNCER = Path("/usr/sbin/pgbouncer")
@@ -136,18 +134,8 @@ def pooler(postgres_database: Database, postgres_url: str, tmp_path: Path) -> It
 @pytest.fixture
 async def seeded_uid(postgres_database: Database) -> str:
     """Insert, directly into Postgres, the profile the concurrent reads fetch."""
-    now = datetime.now(UTC)
-    profile = UserProfile(
-        uid=SEEDED_UID,
-        email="reader@example.com",
-        display_name="Reader",
-        photo_url="",
-        locale="en",
-        time_zone="UTC",
-        bio="",
-        create_time=now,
-        update_time=now,
-        preferences={"theme": "dark"},
+    profile = new_profile(
+        SEEDED_UID, "reader@example.com", display_name="Reader", time_zone="UTC", preferences={"theme": "dark"}
     )
     async with postgres_database.unit_of_work() as session:
         await store.add_user(session, profile)
@@ -155,7 +143,7 @@ async def seeded_uid(postgres_database: Database) -> str:
 
 
 def pooler_database(url: str) -> Database:
-    settings = Settings(app_env="test", database_url=url, database_pool_size=10, database_max_overflow=10)
+    settings = settings_for(url, database_pool_size=10, database_max_overflow=10)
     return Database.from_settings(settings)
 
 

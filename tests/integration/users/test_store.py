@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import secrets
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -21,28 +20,13 @@ from app.platform.db import Database
 from app.platform.errors import Aborted, NotFound
 from app.users import logic, store
 from app.users.handler import UserHandler
+from tests.integration.factories import new_profile
 from app.users.model import UserPreferenceRow, UserProfile, UserRow
 
-NOW = datetime(2026, 3, 1, 12, 0, 0, 123456, tzinfo=UTC)
 
 
 def new_uid() -> str:
     return f"user-{secrets.token_hex(6)}"
-
-
-def new_profile(uid: str, email: str = "", **fields: object) -> UserProfile:
-    profile = UserProfile(
-        uid=uid,
-        email=email or f"{uid}@example.com",
-        display_name="Ada",
-        photo_url="",
-        locale="en",
-        time_zone="Europe/Paris",
-        bio="",
-        create_time=NOW,
-        update_time=NOW,
-    )
-    return dataclasses.replace(profile, **fields)
 
 
 @contextmanager
