@@ -163,3 +163,42 @@ def test_grpc_web_text_round_trip(server, tokens) -> None:
     assert response.headers["content-type"].startswith("application/grpc-web-text")
     assert message.user.uid == uid
     assert b"grpc-status:0" in frames[5 + length :].replace(b" ", b"")
+
+
+def test_get_user_over_connect_get_binary(server, tokens) -> None:
+    import base64
+
+    uid = new_uid("getbin")
+    token = tokens.mint(uid)
+    message = base64.urlsafe_b64encode(user_pb2.GetUserRequest(uid=uid).SerializeToString()).rstrip(b"=").decode()
+
+    response = httpx.get(
+        f"{server.url}/{USERS}/GetUser",
+        params={"encoding": "proto", "base64": "1", "message": message},
+        headers={"authorization": f"Bearer {token}"},
+    )
+    first_call = httpx.post(
+        f"{server.url}/{USERS}/GetMe", content=b"{}",
+        headers={"content-type": "application/json", "authorization": f"Bearer {token}"},
+    )
+    again = httpx.get(
+        f"{server.url}/{USERS}/GetUser",
+        params={"encoding": "proto", "base64": "1", "message": message},
+        headers={"authorization": f"Bearer {token}"},
+    )
+
+    assert response.status_code == 404
+    assert first_call.status_code == 200
+    assert again.status_code == 200
+    assert again.headers["content-type"] == "application/proto"
+    assert user_pb2.GetUserResponse.FromString(again.content).user.uid == uid
+
+
+def test_get_on_method_with_side_effects_is_rejected(server, tokens) -> None:
+    response = httpx.get(
+        f"{server.url}/{USERS}/UpdateMe",
+        params={"encoding": "json", "message": "{}"},
+        headers={"authorization": f"Bearer {tokens.mint(new_uid('getupdate'))}"},
+    )
+
+    assert response.status_code == 405
