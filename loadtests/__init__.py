@@ -1,0 +1,1 @@
+"""Load tests and the benchmark of the service; see loadtests/README.md."""
