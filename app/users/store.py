@@ -12,16 +12,36 @@ from app.users.model import UserPreferenceRow, UserProfile, UserRow, profile_fro
 
 
 async def find_user(session: AsyncSession, uid: str) -> UserProfile | None:
-    """Load a profile with its preferences, or return None when the uid has none."""
+    """Load a profile with its preferences, or return None when the uid has none.
+
+    One query, a LEFT JOIN yielding a row per preference, read without ORM objects: this is
+    the hot path of GetMe, where building ORM rows cost more than the query itself.
+    """
+    users = UserRow.__table__
+    preferences = UserPreferenceRow.__table__
     statement = (
-        select(UserRow)
-        .where(UserRow.uid == uid)
-        .options(selectinload(UserRow.preferences))
-        # A row already in this session may be older than the stored one, so it is reloaded.
-        .execution_options(populate_existing=True)
+        select(users, preferences.c.key.label("preference_key"), preferences.c.value.label("preference_value"))
+        .select_from(users.outerjoin(preferences, preferences.c.uid == users.c.uid))
+        .where(users.c.uid == uid)
     )
-    row = (await session.execute(statement)).scalar_one_or_none()
-    return profile_from_row(row) if row is not None else None
+    rows = (await session.execute(statement)).mappings().all()
+    if not rows:
+        return None
+
+    first = rows[0]
+    return UserProfile(
+        uid=first["uid"],
+        email=first["email"],
+        display_name=first["display_name"],
+        photo_url=first["photo_url"],
+        locale=first["locale"],
+        time_zone=first["time_zone"],
+        bio=first["bio"],
+        create_time=first["create_time"],
+        update_time=first["update_time"],
+        version=first["version"],
+        preferences={row["preference_key"]: row["preference_value"] for row in rows if row["preference_key"] is not None},
+    )
 
 
 async def get_user(session: AsyncSession, uid: str) -> UserProfile:
