@@ -25,6 +25,9 @@ from app.platform.middleware import (
     NotFoundApp,
     RequestContextMiddleware,
 )
+from app.platform.observability import ObservabilityMiddleware, configure_observability, metrics_routes
+from app.platform.overload import OverloadGuardMiddleware
+from app.platform.ratelimit import RateLimitMiddleware
 from app.platform.reflection import reflection_apps
 from app.settings import Settings
 
@@ -104,9 +107,14 @@ def platform_middleware(settings: Settings, verifier: FirebaseTokenVerifier) -> 
     """Return the ASGI middleware in front of every service, outermost first."""
     middleware = [
         Middleware(RequestContextMiddleware),
+        Middleware(ObservabilityMiddleware, settings=settings),
+        # Preflights are answered before the overload guard, auth and rate limits.
         Middleware(CORSMiddleware, allowed_origins=settings.cors_allowed_origins),
+        Middleware(OverloadGuardMiddleware, settings=settings),
         Middleware(GrpcWebTextMiddleware),
         Middleware(AuthMiddleware, verifier=verifier),
+        # After auth, so that signed-in callers are limited by uid rather than by IP.
+        Middleware(RateLimitMiddleware, settings=settings),
     ]
     if settings.benchmark_endpoints:
         middleware.insert(0, Middleware(RawBenchmarkMiddleware))
@@ -118,6 +126,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
     settings = settings or Settings()
     configure_logging(settings)
     database = Database.from_settings(settings)
+    configure_observability(settings, database)
     firebase = FirebaseAdmin.from_settings(settings)
     verifier, certificates = build_verifier(settings, firebase)
 
@@ -154,6 +163,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
     routes = [
         Route("/healthz", healthz, methods=["GET", "HEAD"]),
         Route("/readyz", readyz_endpoint(is_ready), methods=["GET", "HEAD"]),
+        *metrics_routes(settings),
         *(Mount(app.path, app) for app in rpc_apps),
     ]
     app = Starlette(routes=routes, middleware=platform_middleware(settings, verifier), lifespan=lifespan)

@@ -55,6 +55,26 @@ class Settings(BaseSettings):
     cors_allowed_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
     max_request_bytes: int = Field(default=1024 * 1024, ge=1024)
 
+    # Per caller, for RPCs whose policy names no rate_limit; notation of the `limits` package.
+    rate_limit_default: str = "600/minute"
+    # memory:// keeps counters per process; redis://host:6379/0 shares them between instances.
+    rate_limit_storage_url: str = "memory://"
+    # Take the client IP from Fly-Client-IP; only true behind Fly's proxy, which sets it.
+    trust_fly_proxy: bool = False
+
+    # Calls handled at once per process; more get `unavailable` at once instead of queueing.
+    max_concurrent_requests: int = Field(default=256, ge=1)
+    # Deadline for calls that carry none (connect-timeout-ms, grpc-timeout); it also bounds SQL.
+    default_deadline_seconds: float = Field(default=30.0, gt=0)
+    # Seconds in-flight unary calls get to finish after SIGTERM; below fly.toml's kill_timeout.
+    shutdown_grace_seconds: float = Field(default=20.0, ge=0)
+
+    # OTLP/HTTP endpoint for traces, e.g. http://collector:4318; empty exports nothing.
+    otel_exporter_otlp_endpoint: str = ""
+    otel_service_name: str = "functions"
+    # 0 serves Prometheus metrics at /metrics on the main port; another port serves them there alone.
+    metrics_port: int = Field(default=0, ge=0, le=65535)
+
     # Mounts /bench/raw, a bare ASGI endpoint that loadtests/bench.py compares the RPCs against.
     benchmark_endpoints: bool = False
 

@@ -25,15 +25,15 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import descriptor_pb2 as google_dot_protobuf_dot_descriptor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"functions/options/v1/options.proto\x12\x14\x66unctions.options.v1\x1a google/protobuf/descriptor.proto\"`\n\x0c\x41\x63\x63\x65ssPolicy\x12,\n\x06\x61\x63\x63\x65ss\x18\x01 \x01(\x0e\x32\x1c.functions.options.v1.Access\x12\r\n\x05roles\x18\x02 \x03(\t\x12\x13\n\x0bowner_field\x18\x03 \x01(\t*t\n\x06\x41\x63\x63\x65ss\x12\x16\n\x12\x41\x43\x43\x45SS_UNSPECIFIED\x10\x00\x12\x11\n\rACCESS_PUBLIC\x10\x01\x12\x14\n\x10\x41\x43\x43\x45SS_SIGNED_IN\x10\x02\x12\x0f\n\x0b\x41\x43\x43\x45SS_ROLE\x10\x03\x12\x18\n\x14\x41\x43\x43\x45SS_SELF_OR_ADMIN\x10\x04:T\n\x06policy\x12\x1e.google.protobuf.MethodOptions\x18\xd1\x86\x03 \x01(\x0b\x32\".functions.options.v1.AccessPolicyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"functions/options/v1/options.proto\x12\x14\x66unctions.options.v1\x1a google/protobuf/descriptor.proto\"t\n\x0c\x41\x63\x63\x65ssPolicy\x12,\n\x06\x61\x63\x63\x65ss\x18\x01 \x01(\x0e\x32\x1c.functions.options.v1.Access\x12\r\n\x05roles\x18\x02 \x03(\t\x12\x13\n\x0bowner_field\x18\x03 \x01(\t\x12\x12\n\nrate_limit\x18\x04 \x01(\t*t\n\x06\x41\x63\x63\x65ss\x12\x16\n\x12\x41\x43\x43\x45SS_UNSPECIFIED\x10\x00\x12\x11\n\rACCESS_PUBLIC\x10\x01\x12\x14\n\x10\x41\x43\x43\x45SS_SIGNED_IN\x10\x02\x12\x0f\n\x0b\x41\x43\x43\x45SS_ROLE\x10\x03\x12\x18\n\x14\x41\x43\x43\x45SS_SELF_OR_ADMIN\x10\x04:T\n\x06policy\x12\x1e.google.protobuf.MethodOptions\x18\xd1\x86\x03 \x01(\x0b\x32\".functions.options.v1.AccessPolicyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'functions.options.v1.options_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_ACCESS']._serialized_start=192
-  _globals['_ACCESS']._serialized_end=308
+  _globals['_ACCESS']._serialized_start=212
+  _globals['_ACCESS']._serialized_end=328
   _globals['_ACCESSPOLICY']._serialized_start=94
-  _globals['_ACCESSPOLICY']._serialized_end=190
+  _globals['_ACCESSPOLICY']._serialized_end=210
 # @@protoc_insertion_point(module_scope)

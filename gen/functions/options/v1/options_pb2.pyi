@@ -24,11 +24,13 @@ POLICY_FIELD_NUMBER: _ClassVar[int]
 policy: _descriptor.FieldDescriptor
 
 class AccessPolicy(_message.Message):
-    __slots__ = ("access", "roles", "owner_field")
+    __slots__ = ("access", "roles", "owner_field", "rate_limit")
     ACCESS_FIELD_NUMBER: _ClassVar[int]
     ROLES_FIELD_NUMBER: _ClassVar[int]
     OWNER_FIELD_FIELD_NUMBER: _ClassVar[int]
+    RATE_LIMIT_FIELD_NUMBER: _ClassVar[int]
     access: Access
     roles: _containers.RepeatedScalarFieldContainer[str]
     owner_field: str
-    def __init__(self, access: _Optional[_Union[Access, str]] = ..., roles: _Optional[_Iterable[str]] = ..., owner_field: _Optional[str] = ...) -> None: ...
+    rate_limit: str
+    def __init__(self, access: _Optional[_Union[Access, str]] = ..., roles: _Optional[_Iterable[str]] = ..., owner_field: _Optional[str] = ..., rate_limit: _Optional[str] = ...) -> None: ...
