@@ -14,13 +14,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import asyncpg
 from sqlalchemy import DateTime, MetaData, event, text
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import URL, Dialect, make_url
@@ -28,6 +28,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from sqlalchemy.orm import DeclarativeBase
 from sqlalchemy.types import TypeDecorator
 
+from app.platform.deadlines import install_statement_timeout
 from app.platform.errors import Aborted, FieldViolation, InvalidInput, Unavailable
 from app.settings import Settings
 
@@ -192,12 +193,21 @@ def is_unavailable_error(error: BaseException) -> bool:
     if isinstance(error, sa_exc.DBAPIError) and error.connection_invalidated:
         return True
     for cause in _exception_chain(error):
-        if isinstance(cause, (OSError, asyncpg.exceptions.InterfaceError, asyncpg.exceptions.PostgresConnectionError)):
+        if isinstance(cause, OSError) or _is_asyncpg_connection_error(cause):
             return True
         sqlstate = getattr(cause, "sqlstate", None)
         if isinstance(sqlstate, str) and sqlstate[:2] in _UNAVAILABLE_SQLSTATE_CLASSES:
             return True
     return False
+
+
+def _is_asyncpg_connection_error(error: BaseException) -> bool:
+    # asyncpg costs memory that a SQLite deployment never needs; if it was never imported,
+    # no error can come from it.
+    asyncpg = sys.modules.get("asyncpg")
+    if asyncpg is None:
+        return False
+    return isinstance(error, asyncpg.exceptions.InterfaceError | asyncpg.exceptions.PostgresConnectionError)
 
 
 def _sqlstate_class(error: BaseException) -> str | None:
@@ -259,6 +269,8 @@ class Database:
         if config.url.get_backend_name() == "sqlite":
             _create_sqlite_directory(config.url)
             _configure_sqlite_connections(engine, busy_timeout_ms=int(settings.database_pool_timeout_seconds * 1000))
+        else:
+            install_statement_timeout(engine)
         return cls(engine, uses_pooler=config.uses_pooler)
 
     @contextlib.asynccontextmanager
