@@ -71,7 +71,7 @@ def run_migrations(env: dict[str, str]) -> None:
 
 
 def start_server(env: dict[str, str], log_path: Path, *, server: str = "uvicorn") -> RunningServer:
-    """Start `python -m app serve` on a free port and wait until /healthz answers."""
+    """Start `python -m app serve` on a free port and wait until /healthz replies."""
     port = free_port()
     full_env = {**os.environ, "APP_ENV": "test", "LOG_LEVEL": "INFO", **env}
     log_file = log_path.open("wb")
