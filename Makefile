@@ -12,7 +12,7 @@ PORT ?= 8080
 TEST_POSTGRES_URL ?= $(shell pg_isready -q -h 127.0.0.1 -p 5432 2>/dev/null && echo postgresql+asyncpg://postgres@127.0.0.1:5432/test)
 export TEST_POSTGRES_URL
 
-.PHONY: run test install generate lint-proto migrate bench bench-tools pgbouncer
+.PHONY: run test install generate lint-proto migrate bench bench-tools pgbouncer loadtest
 
 install: $(INSTALLED) $(NODE_INSTALLED)
 
@@ -65,3 +65,12 @@ bench-tools:
 # uvicorn only: pyvoy 1.3.0 hangs on Connect calls with an empty body (see loadtests/README.md).
 bench: install bench-tools
 	$(BIN)/python loadtests/bench.py --server uvicorn
+
+LOCUST_USERS ?= 20
+LOCUST_TIME ?= 1m
+LOAD_HOST ?= http://127.0.0.1:$(PORT)
+
+# Locust against a running server (`make run` in another shell); see loadtests/README.md.
+loadtest: install
+	$(BIN)/python -m locust -f loadtests/locustfile.py --headless -u $(LOCUST_USERS) \
+		-r $(LOCUST_USERS) -t $(LOCUST_TIME) --host $(LOAD_HOST) --only-summary
