@@ -7,7 +7,7 @@ import logging
 import sys
 import time
 
-from app.platform.context import principal_var, request_id_var
+from app.platform.context import principal_var, request_id_var, trace_id_var
 from app.settings import Settings
 
 # Attributes every LogRecord has; anything else came in through `extra=`.
@@ -20,6 +20,8 @@ class ContextFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         if not hasattr(record, "request_id"):
             record.request_id = request_id_var.get()
+        if getattr(record, "trace_id", None) is None:
+            record.trace_id = trace_id_var.get()
         if getattr(record, "uid", None) is None:
             principal = principal_var.get()
             record.uid = principal.uid if principal else None

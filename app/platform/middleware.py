@@ -15,7 +15,7 @@ import uuid
 
 from connectrpc.code import Code
 
-from app.platform.context import Principal, auth_error_var, principal_var, request_id_var
+from app.platform.context import Principal, auth_error_var, principal_var, request_id_var, trace_id_var
 from app.platform.errors import ServiceError, Unauthenticated
 from app.platform.wire import detect_protocol, header, send_error
 
@@ -44,6 +44,7 @@ class RequestContextMiddleware:
         # and this layer reads it back for the log line.
         principal_token = principal_var.set(None)
         auth_error_token = auth_error_var.set(None)
+        trace_id_token = trace_id_var.set(None)
         outcome = {"status": 0, "grpc_status": ""}
         started = time.perf_counter()
 
@@ -75,6 +76,7 @@ class RequestContextMiddleware:
                 await self.app(scope, receive, send_with_request_id)
         finally:
             self._log(scope, outcome, time.perf_counter() - started)
+            trace_id_var.reset(trace_id_token)
             auth_error_var.reset(auth_error_token)
             principal_var.reset(principal_token)
             request_id_var.reset(request_id_token)

@@ -32,7 +32,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from app.platform.context import auth_error_var, request_id_var
+from app.platform.context import auth_error_var, request_id_var, trace_id_var
 from app.platform.middleware import _grpc_status, _grpc_web_status
 from app.platform.wire import GRPC_STATUS, Protocol, detect_protocol
 from app.settings import Settings
@@ -85,8 +85,6 @@ _CODE_BY_HTTP_STATUS = {
     504: "unavailable",
 }
 
-# The trace id of the current request, for log lines written after its span ended.
-trace_id_var: ContextVar[str | None] = ContextVar("trace_id", default=None)
 
 _tracer: trace.Tracer | None = None
 _method_labels: set[str] = set()
