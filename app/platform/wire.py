@@ -14,6 +14,8 @@ from urllib.parse import quote
 
 from connectrpc.code import Code
 from connectrpc.errors import ConnectError
+from google.protobuf import any_pb2
+from google.rpc import status_pb2
 
 from app.platform.context import current_request_id
 from app.platform.errors import error_info
@@ -98,10 +100,16 @@ def connect_error_body(error: ConnectError) -> bytes:
 
 
 def grpc_status_headers(error: ConnectError) -> list[tuple[bytes, bytes]]:
-    """Return the grpc-status and percent-encoded grpc-message headers of an error."""
+    """Return the grpc-status, percent-encoded grpc-message and grpc-status-details-bin headers of an error."""
+    status = status_pb2.Status(
+        code=GRPC_STATUS[error.code],
+        message=error.message,
+        details=[any_pb2.Any(type_url=f"type.googleapis.com/{d.type_name}", value=d.message_bytes) for d in error.details],
+    )
     return [
         (b"grpc-status", str(GRPC_STATUS[error.code]).encode()),
         (b"grpc-message", quote(error.message, safe=_GRPC_MESSAGE_SAFE).encode()),
+        (b"grpc-status-details-bin", b64encode(status.SerializeToString()).rstrip(b"=")),
     ]
 
 
@@ -127,7 +135,16 @@ async def send_error(
         await send({"type": "http.response.body", "body": body})
         return
 
-    # gRPC and gRPC-Web: a trailers-only reply, the status in the headers.
+    if protocol is Protocol.GRPC and "http.response.trailers" in scope.get("extensions", {}):
+        # ASGI servers never end the HEADERS frame of a response with END_STREAM, so a status
+        # in the headers reaches an HTTP/2 gRPC client as a stream without trailers (UNKNOWN).
+        headers.append((b"content-type", b"application/grpc"))
+        await send({"type": "http.response.start", "status": 200, "headers": headers, "trailers": True})
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+        await send({"type": "http.response.trailers", "headers": grpc_status_headers(error), "more_trailers": False})
+        return
+
+    # gRPC-Web, and gRPC on servers without ASGI trailers: a trailers-only reply, the status in the headers.
     content_type = b"application/grpc-web+proto" if protocol is Protocol.GRPC_WEB else b"application/grpc"
     headers += [(b"content-type", content_type), *grpc_status_headers(error)]
     await send({"type": "http.response.start", "status": 200, "headers": headers})

@@ -28,14 +28,7 @@ HEALTH = "grpc.health.v1.Health"
 AUTH = "functions.auth.v1.AuthService"
 RUN_ID = uuid.uuid4().hex[:12]
 REDIS_URL = "redis://127.0.0.1:6379/0"
-# NOTE: app.platform.wire.send_error puts grpc-status in the response headers, and uvicorn with
-# zttp then ends the stream with an empty DATA frame, which grpcio reports as UNKNOWN. These
-# cases pass once send_error sends the status in ASGI trailers for native gRPC.
-GRPC_LIMITED = pytest.param(
-    Protocol.GRPC,
-    marks=pytest.mark.xfail(strict=True, reason="send_error sends no trailers to native gRPC clients"),
-    id="grpc",
-)
+GRPC_LIMITED = pytest.param(Protocol.GRPC, id="grpc")
 
 
 def start_servers(cert_server, directory: Path, envs: list[dict[str, str]]) -> list[RunningServer]:
