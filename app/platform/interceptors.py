@@ -12,6 +12,7 @@ from connectrpc.request import RequestContext
 from functions.options.v1 import options_pb2
 
 from app.platform.context import auth_error_var, current_request_id, principal_var
+from app.platform.deadlines import DEFAULT_DEADLINE_SECONDS, DeadlineInterceptor
 from app.platform.errors import PermissionDenied, ServiceError, Unauthenticated, internal_error, to_connect_error
 from app.platform.policy import AccessPolicy, policy_for
 
@@ -149,6 +150,7 @@ class ErrorInterceptor:
             check_owner(policy, request, ctx)
 
 
-def service_interceptors() -> list:
+def service_interceptors(default_deadline_seconds: float = DEFAULT_DEADLINE_SECONDS) -> list:
     """Return the interceptors every service application runs, outermost first."""
-    return [AuthorizationInterceptor(), ErrorInterceptor()]
+    # Authorization stays first: connectrpc runs leading metadata interceptors before reading the body.
+    return [AuthorizationInterceptor(), DeadlineInterceptor(default_deadline_seconds), ErrorInterceptor()]
