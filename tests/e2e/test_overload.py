@@ -1,0 +1,174 @@
+"""The overload guard on a real server: past MAX_CONCURRENT_REQUESTS, calls fail fast with `unavailable`.
+
+Health/Watch streams hold the slots: each stays in flight until the client closes it.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import json
+import time
+from collections.abc import Iterator
+
+import grpc
+import httpx
+import pytest
+from google.rpc import error_details_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from tests.e2e.conftest import server_env
+from tests.servers import RunningServer, run_server
+
+MAX_CONCURRENT_REQUESTS = 2
+CHECK_PATH = "/grpc.health.v1.Health/Check"
+WATCH_PATH = "/grpc.health.v1.Health/Watch"
+# A rejection must not wait for a slot; this bounds it with plenty of room for a slow CI machine.
+FAST_REPLY_SECONDS = 1.0
+
+
+@pytest.fixture(scope="module")
+def overload_server(tmp_path_factory, cert_server) -> Iterator[RunningServer]:
+    directory = tmp_path_factory.mktemp("overload")
+    env = server_env(
+        cert_server,
+        f"sqlite+aiosqlite:///{directory / 'functions.db'}",
+        DEV_KEYS_DIR=str(directory / "dev-keys"),
+        MAX_CONCURRENT_REQUESTS=str(MAX_CONCURRENT_REQUESTS),
+    )
+    with run_server(env, directory / "server.log") as running:
+        yield running
+
+
+def envelope(payload: bytes, flags: int = 0) -> bytes:
+    return bytes([flags]) + len(payload).to_bytes(4, "big") + payload
+
+
+@contextlib.contextmanager
+def open_watches(server: RunningServer, count: int) -> Iterator[None]:
+    """Hold `count` Health/Watch streams open, each on its own connection, until the block ends."""
+    # Dropping a response's byte iterator closes the stream, so they stay referenced here.
+    readers = []
+    with contextlib.ExitStack() as stack:
+        for _ in range(count):
+            client = stack.enter_context(httpx.Client(timeout=10.0))
+            response = stack.enter_context(
+                client.stream(
+                    "POST",
+                    f"{server.url}{WATCH_PATH}",
+                    content=envelope(b"{}"),
+                    headers={"content-type": "application/connect+json"},
+                )
+            )
+            assert response.status_code == 200
+            reader = response.iter_raw()
+            # The first message arrives once the call is in flight on the server.
+            next(reader)
+            readers.append(reader)
+        yield
+
+
+def error_reason(body: dict) -> str:
+    for detail in body.get("details", []):
+        if detail["type"] == "google.rpc.ErrorInfo":
+            value = detail["value"] + "=" * (-len(detail["value"]) % 4)
+            return error_details_pb2.ErrorInfo.FromString(base64.b64decode(value)).reason
+    return ""
+
+
+def check_over_json(server: RunningServer) -> httpx.Response:
+    return httpx.post(
+        f"{server.url}{CHECK_PATH}", content=b"{}", headers={"content-type": "application/json"}, timeout=10.0
+    )
+
+
+def wait_until_check_succeeds(server: RunningServer, timeout: float = 5.0) -> httpx.Response:
+    """Retry Check while the server notices the closed streams; return the last reply."""
+    deadline = time.monotonic() + timeout
+    response = check_over_json(server)
+    while response.status_code != 200 and time.monotonic() < deadline:
+        time.sleep(0.05)
+        response = check_over_json(server)
+    return response
+
+
+def test_call_past_limit_is_unavailable_over_json(overload_server) -> None:
+    with open_watches(overload_server, MAX_CONCURRENT_REQUESTS):
+        started = time.monotonic()
+        response = check_over_json(overload_server)
+        elapsed = time.monotonic() - started
+
+    body = response.json()
+    assert response.status_code == 503
+    assert body["code"] == "unavailable"
+    assert body["message"] == "server is overloaded: retry with backoff"
+    assert error_reason(body) == "OVERLOADED"
+    assert elapsed < FAST_REPLY_SECONDS
+
+
+def test_call_past_limit_is_unavailable_over_grpc_web(overload_server) -> None:
+    with open_watches(overload_server, MAX_CONCURRENT_REQUESTS):
+        response = httpx.post(
+            f"{overload_server.url}{CHECK_PATH}",
+            content=envelope(health_pb2.HealthCheckRequest().SerializeToString()),
+            headers={"content-type": "application/grpc-web+proto", "x-grpc-web": "1"},
+            timeout=10.0,
+        )
+
+    assert response.status_code == 200
+    assert response.headers["grpc-status"] == "14"
+    assert "overloaded" in response.headers["grpc-message"]
+
+
+def test_call_past_limit_is_unavailable_over_grpc(overload_server) -> None:
+    with (
+        open_watches(overload_server, MAX_CONCURRENT_REQUESTS),
+        grpc.insecure_channel(overload_server.address) as channel,
+    ):
+        stub = health_pb2_grpc.HealthStub(channel)
+        started = time.monotonic()
+        with pytest.raises(grpc.RpcError) as caught:
+            stub.Check(health_pb2.HealthCheckRequest(), timeout=10.0)
+        elapsed = time.monotonic() - started
+
+    assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert caught.value.details() == "server is overloaded: retry with backoff"
+    assert elapsed < FAST_REPLY_SECONDS
+
+
+def test_healthz_answers_while_saturated(overload_server) -> None:
+    with open_watches(overload_server, MAX_CONCURRENT_REQUESTS):
+        healthz = httpx.get(f"{overload_server.url}/healthz", timeout=10.0)
+        readyz = httpx.get(f"{overload_server.url}/readyz", timeout=10.0)
+
+    assert healthz.status_code == 200
+    assert readyz.status_code == 200
+
+
+def test_preflight_answers_while_saturated(overload_server) -> None:
+    with open_watches(overload_server, MAX_CONCURRENT_REQUESTS):
+        response = httpx.options(
+            f"{overload_server.url}{CHECK_PATH}",
+            headers={"origin": "https://app.example", "access-control-request-method": "POST"},
+            timeout=10.0,
+        )
+
+    assert response.status_code == 204
+
+
+def test_calls_succeed_after_load_drops(overload_server) -> None:
+    with open_watches(overload_server, MAX_CONCURRENT_REQUESTS):
+        rejected = check_over_json(overload_server)
+
+    response = wait_until_check_succeeds(overload_server)
+
+    assert rejected.status_code == 503
+    assert response.status_code == 200
+    assert json.loads(response.content) == {"status": "SERVING"}
+
+
+def test_calls_below_limit_succeed(overload_server) -> None:
+    with open_watches(overload_server, MAX_CONCURRENT_REQUESTS - 1):
+        response = check_over_json(overload_server)
+
+    assert response.status_code == 200
