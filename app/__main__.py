@@ -27,9 +27,15 @@ def serve(settings: Settings, args: argparse.Namespace) -> None:
 
     import uvicorn
 
+    from app.main import create_app
+    from app.platform.shutdown import DrainingServer, install_exit_handlers
+
+    grace_seconds = args.grace_seconds if args.grace_seconds is not None else settings.shutdown_grace_seconds
+    # Built here rather than by uvicorn's factory, so the server can reach the health service's
+    # event that ends server streams when shutdown starts.
+    app = create_app(settings)
     config = uvicorn.Config(
-        "app.main:create_app",
-        factory=True,
+        app,
         host=host,
         port=port,
         # zttp speaks HTTP/1.1 and, with http2, h2c with ASGI trailers, which native gRPC needs.
@@ -37,9 +43,10 @@ def serve(settings: Settings, args: argparse.Namespace) -> None:
         http2=True,
         lifespan="on",
         log_config=None,
-        timeout_graceful_shutdown=args.grace_seconds,
+        timeout_graceful_shutdown=grace_seconds,
     )
-    uvicorn.Server(config).run()
+    install_exit_handlers()
+    DrainingServer(config, draining=app.state.health.shutting_down).run()
 
 
 def migrate(settings: Settings, args: argparse.Namespace) -> None:

@@ -18,6 +18,10 @@ from grpc_health.v1 import health_pb2
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
+from app.platform.context import current_request_id
+from app.platform.errors import error_info
+from app.platform.shutdown import SHUTDOWN_MESSAGE
+
 log = logging.getLogger(__name__)
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -56,10 +60,15 @@ class HealthService:
         return response
 
     async def watch(self, request: health_pb2.HealthCheckRequest, ctx) -> AsyncIterator[health_pb2.HealthCheckResponse]:
+        """Send the status now and every WATCH_INTERVAL_SECONDS, and end with `unavailable` once shutdown starts."""
         while True:
             yield health_pb2.HealthCheckResponse(status=await self.status(request.service))
             if self.shutting_down.is_set():
-                return
+                # Clients reconnect after `unavailable`, and reach another instance because this one
+                # accepts no new connections.
+                raise ConnectError(
+                    Code.UNAVAILABLE, SHUTDOWN_MESSAGE, [error_info("SHUTTING_DOWN", current_request_id())]
+                )
             try:
                 await asyncio.wait_for(self.shutting_down.wait(), WATCH_INTERVAL_SECONDS)
             except TimeoutError:
