@@ -91,7 +91,8 @@ def main(argv: list[str] | None = None) -> None:
     serve_parser.add_argument("--port", type=int, help="port to listen on (default: PORT or 8080)")
     serve_parser.add_argument("--server", choices=["uvicorn", "pyvoy"], help="ASGI server (default: SERVER or uvicorn)")
     serve_parser.add_argument(
-        "--grace-seconds", type=int, default=20, help="seconds in-flight calls get to finish after SIGTERM (default: 20)"
+        "--grace-seconds", type=float, default=None,
+        help="seconds in-flight calls get to finish after SIGTERM (default: SHUTDOWN_GRACE_SECONDS or 20)",
     )
     serve_parser.set_defaults(run=serve)
 

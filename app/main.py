@@ -69,7 +69,7 @@ def build_verifier(
 def build_services(settings: Settings, database: Database, firebase: FirebaseAdmin) -> list:
     """Create the connectrpc application of every enabled domain."""
     options = {
-        "interceptors": service_interceptors(),
+        "interceptors": service_interceptors(settings.default_deadline_seconds),
         "read_max_bytes": settings.max_request_bytes,
         "codecs": server_codecs(),
     }
@@ -141,12 +141,12 @@ def create_app(settings: Settings | None = None) -> Starlette:
     services = build_services(settings, database, firebase)
     service_names = [app.path.strip("/") for app in services]
     health = HealthService(service_names, is_ready)
-    platform_options = {"interceptors": service_interceptors(), "codecs": server_codecs()}
+    platform_options = {"interceptors": service_interceptors(settings.default_deadline_seconds), "codecs": server_codecs()}
     rpc_apps = [
         *services,
         HealthASGIApplication(health, **platform_options),
         # Reflection's own messages are protobuf-py ones, so it keeps connectrpc's default codecs.
-        *reflection_apps([*service_names, "grpc.health.v1.Health"], interceptors=service_interceptors()),
+        *reflection_apps([*service_names, "grpc.health.v1.Health"], interceptors=service_interceptors(settings.default_deadline_seconds)),
     ]
 
     @contextlib.asynccontextmanager

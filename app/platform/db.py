@@ -29,7 +29,7 @@ from sqlalchemy.orm import DeclarativeBase
 from sqlalchemy.types import TypeDecorator
 
 from app.platform.deadlines import install_statement_timeout
-from app.platform.errors import Aborted, FieldViolation, InvalidInput, Unavailable
+from app.platform.errors import Aborted, DeadlineExceeded, FieldViolation, InvalidInput, Unavailable
 from app.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -47,6 +47,8 @@ _UNAVAILABLE_SQLSTATE_CLASSES = ("08", "53", "57", "3D")
 # out of range), 40 a serialization failure or deadlock that a retry may pass.
 _DATA_EXCEPTION_CLASS = "22"
 _TRANSACTION_ROLLBACK_CLASS = "40"
+# query_canceled, which statement_timeout raises; its class 57 would otherwise read as an outage.
+_QUERY_CANCELED = "57014"
 
 
 class Base(DeclarativeBase):
@@ -210,12 +212,17 @@ def _is_asyncpg_connection_error(error: BaseException) -> bool:
     return isinstance(error, asyncpg.exceptions.InterfaceError | asyncpg.exceptions.PostgresConnectionError)
 
 
-def _sqlstate_class(error: BaseException) -> str | None:
+def _sqlstate(error: BaseException) -> str | None:
     for cause in _exception_chain(error):
         sqlstate = getattr(cause, "sqlstate", None)
         if isinstance(sqlstate, str):
-            return sqlstate[:2]
+            return sqlstate
     return None
+
+
+def _sqlstate_class(error: BaseException) -> str | None:
+    sqlstate = _sqlstate(error)
+    return sqlstate[:2] if sqlstate else None
 
 
 def _translate_statement_error(error: BaseException) -> Exception | None:
@@ -286,6 +293,9 @@ class Database:
             await session.commit()
         except Exception as error:
             await self._rollback(session)
+            if _sqlstate(error) == _QUERY_CANCELED:
+                # statement_timeout, set from the call's deadline, stopped the statement.
+                raise DeadlineExceeded("the call's deadline passed during a database statement") from error
             if is_unavailable_error(error):
                 raise _unavailable(error) from error
             translated = _translate_statement_error(error)

@@ -9,6 +9,7 @@
     ├── FailedPrecondition   failed_precondition
     ├── Aborted              aborted (a stale etag, a lost race)
     ├── ResourceExhausted    resource_exhausted
+    ├── DeadlineExceeded     deadline_exceeded
     └── Unavailable          unavailable (a dependency is down or timed out)
 
 Logic and adapters raise these. `to_connect_error` turns one into a ConnectError carrying
@@ -93,6 +94,11 @@ class Aborted(ServiceError):
 class ResourceExhausted(ServiceError):
     code = Code.RESOURCE_EXHAUSTED
     reason = "RESOURCE_EXHAUSTED"
+
+
+class DeadlineExceeded(ServiceError):
+    code = Code.DEADLINE_EXCEEDED
+    reason = "DEADLINE_EXCEEDED"
 
 
 class Unavailable(ServiceError):

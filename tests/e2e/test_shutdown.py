@@ -271,11 +271,6 @@ def test_sigint_exits_zero(server) -> None:
     assert waited < GRACE_SECONDS
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="`python -m app serve --grace-seconds` defaults to 20 in the argument parser, "
-    "so SHUTDOWN_GRACE_SECONDS is ignored",
-)
 def test_call_past_grace_period_is_cut(server) -> None:
     call = HeldCall(server)
     time.sleep(SIGNAL_SETTLE_SECONDS)

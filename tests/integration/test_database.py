@@ -14,7 +14,7 @@ from alembic.runtime.migration import MigrationContext
 from sqlalchemy import func, select, text
 
 from app.platform.db import UNAVAILABLE_MESSAGE, Base, Database, engine_config
-from app.platform.errors import InvalidInput, Unavailable
+from app.platform.errors import DeadlineExceeded, InvalidInput, Unavailable
 from app.users import store
 from app.users.model import UserRow
 from tests.databases import (
@@ -229,3 +229,14 @@ async def test_renamed_database_is_unavailable_then_recovers() -> None:
 
     assert raised.value.message == UNAVAILABLE_MESSAGE
     assert recovered == 1
+
+
+async def test_statement_timeout_is_deadline_exceeded(postgres_database: Database, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.ERROR, logger="app.platform.db")
+
+    with pytest.raises(DeadlineExceeded):
+        async with postgres_database.unit_of_work() as session:
+            await session.execute(text("SET LOCAL statement_timeout = 100"))
+            await session.execute(text("SELECT pg_sleep(2)"))
+
+    assert not [r for r in caplog.records if "unavailable" in r.getMessage()]
