@@ -52,11 +52,12 @@ def server(environment, tmp_path_factory) -> Iterator[RunningServer]:
 
 
 def run_locust(
-    server: RunningServer, environment: dict[str, str], csv_prefix: Path, *, seconds: int = RUN_SECONDS
+    server: RunningServer, environment: dict[str, str], csv_prefix: Path, *, seconds: int = RUN_SECONDS,
+    locustfile: Path = LOCUSTFILE, users: int = 6,
 ) -> subprocess.CompletedProcess:
     command = [
-        sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless",
-        "-u", "6", "-r", "6", "-t", f"{seconds}s", "--host", server.url,
+        sys.executable, "-m", "locust", "-f", str(locustfile), "--headless",
+        "-u", str(users), "-r", str(users), "-t", f"{seconds}s", "--host", server.url,
         "--only-summary", "--exit-code-on-error", "1", "--csv", str(csv_prefix),
     ]
     # LOCUST_ variables or a FIREBASE_CERTS_URL in the caller's shell would make locust read
@@ -119,3 +120,42 @@ def test_rejected_tokens_count_as_failures(server, environment, tmp_path):
     # Locust stores the repr of the exception, e.g. GrpcStatusError('UNAUTHENTICATED: ...').
     assert all("'UNAUTHENTICATED: " in error for kind, error in errors if kind == "grpc"), errors
     assert all("'unauthenticated: " in error for kind, error in errors if kind == "POST"), errors
+
+
+OVER_LIMIT_LOCUSTFILE = ROOT / "tests" / "e2e" / "locust_over_limit.py"
+# Ordinary users make at most about 2 calls a second each, so in 8 s each stays far below it.
+OVER_LIMIT_RATE = "60/minute"
+# p95 of an ordinary call while greedy callers are throttled; generous for a shared 2-core machine.
+LATENCY_BUDGET_MS = 1000
+
+
+@pytest.fixture(scope="module")
+def limited_server(environment, tmp_path_factory) -> Iterator[RunningServer]:
+    limited = {**environment, "RATE_LIMIT_DEFAULT": OVER_LIMIT_RATE}
+    limited["DATABASE_URL"] = environment["DATABASE_URL"].replace("locust.db", "limited.db")
+    run_migrations(limited)
+    with run_server(limited, tmp_path_factory.mktemp("limited-log") / "server.log") as running:
+        yield running
+
+
+def test_greedy_callers_are_throttled_others_unaffected(limited_server, environment, tmp_path):
+    csv_prefix = tmp_path / "locust"
+
+    result = run_locust(
+        limited_server, {**environment, "LOCUST_ADMIN_USERS": "0"}, csv_prefix,
+        seconds=8, locustfile=OVER_LIMIT_LOCUSTFILE, users=8,
+    )
+    stats = read_stats(csv_prefix)
+    output = f"locust output:\n{result.stdout}\n{result.stderr}\nserver log:\n{limited_server.log()[-3000:]}"
+
+    assert result.returncode == 0, output
+    failures = {key: row["Failure Count"] for key, row in stats.items() if row["Failure Count"] != "0"}
+    assert failures == {}, output
+    throttled = {kind: int(row["Request Count"]) for (kind, name), row in stats.items() if name == "throttled"}
+    assert throttled.get("POST", 0) > 0, output
+    assert throttled.get("grpc", 0) > 0, output
+    ordinary = {key: row for key, row in stats.items() if not key[1].startswith(("greedy", "throttled"))}
+    assert ("POST", "/functions.user.v1.UserService/GetMe") in ordinary, output
+    assert ("grpc", "/functions.user.v1.UserService/GetMe") in ordinary, output
+    slow = {key: row["95%"] for key, row in ordinary.items() if float(row["95%"]) > LATENCY_BUDGET_MS}
+    assert slow == {}, output
