@@ -264,3 +264,35 @@ def test_service_path_without_slash_is_not_redirected(server) -> None:
 
     assert reply.status_code != 307
     assert "location" not in reply.headers
+
+
+@pytest.mark.parametrize(
+    ("incoming", "kept"),
+    [("client-req-0001", True), ("a" * 8, True), ("short", False), ("bad id\r\nx: y", False), ("x" * 200, False)],
+)
+def test_request_id_is_kept_when_valid(server, incoming, kept) -> None:
+    reply = httpx.post(
+        f"{server.url}/{USERS}/GetMe", content=b"{}",
+        headers={"content-type": "application/json", "x-request-id": incoming.replace("\r\n", " ")},
+    )
+
+    request_id = reply.headers["x-request-id"]
+    assert (request_id == incoming) is kept
+    assert 8 <= len(request_id) <= 128
+
+
+def test_error_details_carry_request_id(server) -> None:
+    import base64
+
+    from google.rpc import error_details_pb2
+
+    reply = httpx.post(
+        f"{server.url}/{USERS}/GetMe", content=b"{}",
+        headers={"content-type": "application/json", "x-request-id": "trace-me-12345"},
+    )
+
+    details = {d["type"]: d["value"] for d in reply.json()["details"]}
+    info = error_details_pb2.ErrorInfo.FromString(base64.b64decode(details["google.rpc.ErrorInfo"] + "=="))
+    assert reply.status_code == 401
+    assert info.metadata["request_id"] == "trace-me-12345"
+    assert info.reason == "MISSING_TOKEN"
