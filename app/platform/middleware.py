@@ -24,6 +24,8 @@ access_log = logging.getLogger("app.access")
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{8,128}$")
 _QUIET_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
+# Where ObservabilityMiddleware leaves the code of an RPC's reply ("ok", "not_found") in the scope.
+RPC_CODE_SCOPE_KEY = "functions.rpc_code"
 
 
 class RequestContextMiddleware:
@@ -45,7 +47,7 @@ class RequestContextMiddleware:
         principal_token = principal_var.set(None)
         auth_error_token = auth_error_var.set(None)
         trace_id_token = trace_id_var.set(None)
-        outcome = {"status": 0, "grpc_status": ""}
+        outcome = {"status": 0}
         started = time.perf_counter()
 
         async def send_with_request_id(message) -> None:
@@ -56,13 +58,7 @@ class RequestContextMiddleware:
                 if not any(key == b"cache-control" for key, _ in headers):
                     # Replies carry one caller's data, so shared caches must not keep them.
                     headers.append((b"cache-control", b"private, no-store"))
-                outcome["grpc_status"] = _grpc_status(headers) or outcome["grpc_status"]
                 message = {**message, "headers": headers}
-            elif message["type"] == "http.response.trailers":
-                outcome["grpc_status"] = _grpc_status(message.get("headers", ())) or outcome["grpc_status"]
-            elif message["type"] == "http.response.body" and not message.get("more_body", False):
-                # gRPC-Web carries its status in a trailer frame inside the body.
-                outcome["grpc_status"] = outcome["grpc_status"] or _grpc_web_status(message.get("body", b""))
             await send(message)
 
         try:
@@ -88,17 +84,19 @@ class RequestContextMiddleware:
         if not access_log.isEnabledFor(level):
             return
         principal = principal_var.get()
+        # ObservabilityMiddleware reads the RPC's code from the reply, whatever the protocol.
+        code = scope.get(RPC_CODE_SCOPE_KEY, "")
         access_log.log(
             level,
             "%s %s %s",
             scope["method"],
             path,
-            outcome["grpc_status"] or outcome["status"],
+            code or outcome["status"],
             extra={
                 "rpc_method": path,
                 "protocol": detect_protocol(scope).value,
                 "http_status": outcome["status"],
-                "grpc_status": outcome["grpc_status"],
+                "code": code,
                 "duration_ms": round(seconds * 1000, 2),
                 "uid": principal.uid if principal else None,
             },
@@ -113,22 +111,6 @@ def _first_non_utf8_header(scope) -> str | None:
         except UnicodeDecodeError:
             return key.decode("latin-1")
     return None
-
-
-def _grpc_status(headers) -> str:
-    for key, value in headers:
-        if key == b"grpc-status":
-            return value.decode()
-    return ""
-
-
-def _grpc_web_status(body: bytes) -> str:
-    # A gRPC-Web trailer frame starts with flag 0x80 and contains "grpc-status: N".
-    marker = body.rfind(b"grpc-status:")
-    if marker < 0:
-        return ""
-    line = body[marker + len(b"grpc-status:") :].split(b"\r\n", 1)[0]
-    return line.strip().decode(errors="replace")
 
 
 # Request headers that Connect-Web and gRPC-Web clients send, for preflight replies.

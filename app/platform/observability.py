@@ -33,7 +33,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from app.platform.context import auth_error_var, request_id_var, trace_id_var
-from app.platform.middleware import _grpc_status, _grpc_web_status
+from app.platform.middleware import RPC_CODE_SCOPE_KEY
 from app.platform.wire import GRPC_STATUS, Protocol, detect_protocol
 from app.settings import Settings
 
@@ -117,7 +117,10 @@ class ObservabilityMiddleware:
                 await self._call_traced(_tracer, scope, receive, send, reply)
         finally:
             RPC_IN_FLIGHT.dec()
-            _record_metrics(scope["path"], reply.code(), time.perf_counter() - started)
+            code = reply.code()
+            # The access log line of RequestContextMiddleware, further out, reports this code.
+            scope[RPC_CODE_SCOPE_KEY] = code
+            _record_metrics(scope["path"], code, time.perf_counter() - started)
 
     async def _call_traced(self, tracer: trace.Tracer, scope, receive, send, reply: ReplyRecorder) -> None:
         parent = propagate.extract(scope["headers"], getter=_SCOPE_HEADERS)
@@ -470,3 +473,19 @@ def metrics_routes(settings: Settings) -> list[Route]:
         return []
     return [Route("/metrics", metrics_endpoint, methods=["GET"])]
 
+
+
+def _grpc_status(headers) -> str:
+    for key, value in headers:
+        if key == b"grpc-status":
+            return value.decode()
+    return ""
+
+
+def _grpc_web_status(body: bytes) -> str:
+    # A gRPC-Web trailer frame starts with flag 0x80 and contains "grpc-status: N".
+    marker = body.rfind(b"grpc-status:")
+    if marker < 0:
+        return ""
+    line = body[marker + len(b"grpc-status:") :].split(b"\r\n", 1)[0]
+    return line.strip().decode(errors="replace")

@@ -271,6 +271,7 @@ def test_access_log_is_one_json_line_per_rpc(observed_server, calls) -> None:
     assert line["rpc_method"] == f"/{GET_ME}"
     assert line["protocol"] == "connect"
     assert line["http_status"] == 200
+    assert line["code"] == "ok"
     assert isinstance(line["duration_ms"], float | int)
     assert line["uid"] == "alice"
     assert line["trace_id"] == TRACE_ID
@@ -280,7 +281,7 @@ def test_access_log_of_grpc_call_has_code(observed_server, calls) -> None:
     lines = [line for line in _json_lines(observed_server) if line.get("logger") == "app.access" and line.get("protocol") == "grpc"]
 
     assert len(lines) == 1
-    assert lines[0]["grpc_status"] == "0"
+    assert lines[0]["code"] == "ok"
     assert lines[0]["uid"] == "bob"
     assert len(lines[0]["trace_id"]) == 32
 

@@ -202,3 +202,26 @@ def test_get_on_method_with_side_effects_is_rejected(server, tokens) -> None:
     )
 
     assert response.status_code == 405
+
+
+def test_access_log_reports_code_of_grpc_web_text(server, tokens) -> None:
+    import base64
+    import time
+
+    request_id = f"webtext-{uuid.uuid4().hex}"
+    httpx.post(
+        f"{server.url}/{USERS}/GetUser",
+        content=base64.b64encode(b"\x00\x00\x00\x00\x00"),
+        headers={
+            "content-type": "application/grpc-web-text",
+            "x-grpc-web": "1",
+            "x-request-id": request_id,
+            "authorization": f"Bearer {tokens.mint(new_uid('webtext-log'))}",
+        },
+    )
+
+    deadline = time.monotonic() + 5
+    while request_id not in server.log() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    line = next(line for line in server.log().splitlines() if request_id in line and "app.access" in line)
+    assert "GetUser not_found" in line
