@@ -11,7 +11,6 @@ about the current one, so the differences show where GetMe's database time goes.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import sys
 import time
 from collections.abc import Awaitable, Callable

@@ -214,7 +214,7 @@ def run_h2load(
     client_rates = re.search(r"req/s\s*:\s*([\d.]+)\s+([\d.]+)\s+([\d.]+)", output)
     if not (counts and statuses and data and finished and client_rates):
         raise BenchmarkError(f"h2load output has an unknown format:\n{output}")
-    started, done, succeeded = int(counts.group(2)), int(counts.group(3)), int(counts.group(4))
+    started, succeeded = int(counts.group(2)), int(counts.group(4))
     timeouts = int(counts.group(7))
     non_2xx = int(statuses.group(2)) + int(statuses.group(3)) + int(statuses.group(4))
     data_bytes = int(data.group(1))

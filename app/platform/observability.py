@@ -20,7 +20,6 @@ import re
 import threading
 import time
 import weakref
-from contextvars import ContextVar
 
 from connectrpc.code import Code
 from opentelemetry import propagate, trace
