@@ -14,10 +14,13 @@ import logging
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 
+from functions.events.v1 import events_pb2
+from google.protobuf.field_mask_pb2 import FieldMask
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.platform.context import Principal
 from app.platform.errors import Aborted, FieldViolation, InvalidInput
+from app.platform.events import record_event
 from app.users import store
 from app.users.model import (
     DISPLAY_NAME_MAX_LENGTH,
@@ -57,6 +60,7 @@ async def get_or_create_profile(session: AsyncSession, principal: Principal, *, 
     """Return the caller's profile, creating it from the ID token's claims on first sight.
 
     Concurrent first calls of one caller create one row, and every call returns that row.
+    Creating the profile records a UserCreated event in the same transaction.
     """
     profile = await store.find_user(session, principal.uid)
     if profile is not None:
@@ -65,6 +69,7 @@ async def get_or_create_profile(session: AsyncSession, principal: Principal, *, 
     new_profile = profile_from_principal(principal, now or datetime.now(UTC))
     if await store.add_user(session, new_profile):
         log.info("created user profile", extra={"uid": principal.uid})
+        await record_event(session, events_pb2.UserCreated(uid=principal.uid))
     return await store.get_user(session, principal.uid)
 
 
@@ -89,7 +94,8 @@ async def update_profile(
     """Update the caller's profile fields named in `update_mask` with the matching `values`.
 
     A named field that is empty or missing in `values` is cleared. When `etag` is set, the update fails with
-    Aborted unless the stored profile still has that etag.
+    Aborted unless the stored profile still has that etag. The update records a UserUpdated event
+    in the same transaction.
     """
     mask_violations = check_update_mask(update_mask)
     if mask_violations:
@@ -108,6 +114,13 @@ async def update_profile(
             current, **changes, version=current.version + 1, update_time=now or datetime.now(UTC)
         )
         if await store.update_user(session, updated, expected_version=current.version):
+            changed_fields = [path for path in changes if getattr(current, path) != getattr(updated, path)]
+            await record_event(
+                session,
+                events_pb2.UserUpdated(
+                    uid=updated.uid, changed_fields=FieldMask(paths=changed_fields), version=updated.version
+                ),
+            )
             return updated
         if etag:
             raise _modified_since(current.uid, etag)
