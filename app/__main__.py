@@ -1,4 +1,4 @@
-"""Command line: `python -m app serve | migrate | dev-token`."""
+"""Command line: `python -m app serve | migrate | dev-token | events`."""
 
 from __future__ import annotations
 
@@ -75,6 +75,13 @@ def dev_token(settings: Settings, args: argparse.Namespace) -> None:
     print(token)
 
 
+def event_consumers(settings: Settings) -> list:
+    """Build the consumers that the server's relay runs, so a replay runs the same handlers."""
+    from app.main import build_consumers
+
+    return build_consumers(settings)
+
+
 def _describe_setting_error(error: dict) -> str:
     """Name the environment variable of a settings error, when it concerns one."""
     message = error["msg"].removeprefix("Value error, ")
@@ -105,6 +112,10 @@ def main(argv: list[str] | None = None) -> None:
     token_parser.add_argument("--role", action="append", help="role for the roles custom claim; repeatable")
     token_parser.add_argument("--lifetime", type=int, default=3600, help="seconds until the token expires (default: 3600)")
     token_parser.set_defaults(run=dev_token)
+
+    from app.platform.events_cli import add_events_command
+
+    add_events_command(commands, event_consumers)
 
     args = parser.parse_args(argv)
     try:

@@ -14,6 +14,7 @@ from starlette.routing import Mount, Route
 from app.platform.auth import CertificateSource, FirebaseTokenVerifier, ensure_dev_keys
 from app.platform.codecs import server_codecs
 from app.platform.db import Database
+from app.platform.events import Consumer, EventRelay
 from app.platform.firebase import FirebaseAdmin
 from app.platform.health import HealthASGIApplication, HealthService, healthz, readyz_endpoint
 from app.platform.interceptors import service_interceptors
@@ -64,6 +65,11 @@ def build_verifier(
     if firebase is not None:
         firebase.revocation_listeners.append(verifier.forget_user)
     return verifier, certificates
+
+
+def build_consumers(settings: Settings) -> list[Consumer]:
+    """Return the event consumers of every enabled domain."""
+    return []
 
 
 def build_services(settings: Settings, database: Database, firebase: FirebaseAdmin) -> list:
@@ -127,6 +133,8 @@ def create_app(settings: Settings | None = None) -> Starlette:
     configure_logging(settings)
     database = Database.from_settings(settings)
     configure_observability(settings, database)
+    # In-process engine: this process relays the events its own transactions recorded.
+    relay = EventRelay(database, build_consumers(settings))
     firebase = FirebaseAdmin.from_settings(settings)
     verifier, certificates = build_verifier(settings, firebase)
 
@@ -151,9 +159,11 @@ def create_app(settings: Settings | None = None) -> Starlette:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        relay.start()
         log.info("serving %s", ", ".join(service_names), extra={"services": service_names})
         yield
         health.shutting_down.set()
+        await relay.stop()
         if certificates is not None:
             await certificates.aclose()
         await database.dispose()
@@ -173,4 +183,5 @@ def create_app(settings: Settings | None = None) -> Starlette:
     app.state.settings = settings
     app.state.database = database
     app.state.health = health
+    app.state.relay = relay
     return app
