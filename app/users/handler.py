@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from connectrpc.code import Code
+from connectrpc.errors import ConnectError
 from connectrpc.request import RequestContext
 from functions.user.v1 import user_pb2
 
@@ -45,6 +47,10 @@ class UserHandler:
             profile = await logic.get_profile(session, uid)
 
         return user_pb2.GetUserResponse(user=user_to_proto(profile))
+
+    async def delete_me(self, request: user_pb2.DeleteMeRequest, ctx: RequestContext, /) -> user_pb2.DeleteMeResponse:
+        # NOTE: account deletion is not built yet; the method is declared so clients see unimplemented.
+        raise ConnectError(Code.UNIMPLEMENTED, "DeleteMe is not implemented yet")
 
     async def list_users(self, request: user_pb2.ListUsersRequest, ctx: RequestContext, /) -> user_pb2.ListUsersResponse:
         async with self._database.unit_of_work() as session:

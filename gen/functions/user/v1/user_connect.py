@@ -21,7 +21,7 @@ from connectrpc.protocol import ProtocolType
 from connectrpc.server import ConnectASGIApplication, ConnectWSGIApplication, DEFAULT_READ_MAX_BYTES, Endpoint, EndpointSync
 from pyqwest import Client, SyncClient
 
-from .user_pb2 import GetMeRequest, GetMeResponse, GetUserRequest, GetUserResponse, ListUsersRequest, ListUsersResponse, UpdateMeRequest, UpdateMeResponse
+from .user_pb2 import DeleteMeRequest, DeleteMeResponse, GetMeRequest, GetMeResponse, GetUserRequest, GetUserResponse, ListUsersRequest, ListUsersResponse, UpdateMeRequest, UpdateMeResponse
 
 if TYPE_CHECKING:
     from collections.abc import AsyncGenerator, Iterable, Mapping
@@ -58,6 +58,14 @@ class UserService(Protocol):
     async def get_user(self, request: GetUserRequest, ctx: RequestContext[GetUserRequest, GetUserResponse], /) -> GetUserResponse:
         """
         Returns one user's profile.
+        """
+        raise ConnectError(Code.UNIMPLEMENTED, 'Not implemented')
+
+    async def delete_me(self, request: DeleteMeRequest, ctx: RequestContext[DeleteMeRequest, DeleteMeResponse], /) -> DeleteMeResponse:
+        """
+        Deletes the caller's account: the profile is marked deleted, the Firebase
+        user is disabled and `UserDeleted` is published so that other domains
+        remove the user's data. The caller's tokens are refused afterwards.
         """
         raise ConnectError(Code.UNIMPLEMENTED, 'Not implemented')
 
@@ -113,6 +121,17 @@ class UserServiceASGIApplication(ConnectASGIApplication[UserService]):
                         stream_type=StreamType.UNARY,
                     ),
                     function=svc.get_user,
+                ),
+                "/functions.user.v1.UserService/DeleteMe": Endpoint.unary(
+                    method=MethodInfo(
+                        name="DeleteMe",
+                        service_name="functions.user.v1.UserService",
+                        input=DeleteMeRequest,
+                        output=DeleteMeResponse,
+                        idempotency_level=IdempotencyLevel.IDEMPOTENT,
+                        stream_type=StreamType.UNARY,
+                    ),
+                    function=svc.delete_me,
                 ),
                 "/functions.user.v1.UserService/ListUsers": Endpoint.unary(
                     method=MethodInfo(
@@ -241,6 +260,31 @@ class UserServiceClient(ConnectClient):
             timeout_ms=timeout_ms,
             use_get=use_get,
         )
+    async def delete_me(
+        self,
+        request: DeleteMeRequest,
+        *,
+        headers: Headers | Mapping[str, str] | None = None, 
+        timeout_ms: int | None = None,
+    ) -> DeleteMeResponse:
+        """
+        Deletes the caller's account: the profile is marked deleted, the Firebase
+        user is disabled and `UserDeleted` is published so that other domains
+        remove the user's data. The caller's tokens are refused afterwards.
+        """
+        return await self.execute_unary(
+            request=request,
+            method=MethodInfo(
+                name="DeleteMe",
+                service_name="functions.user.v1.UserService",
+                input=DeleteMeRequest,
+                output=DeleteMeResponse,
+                idempotency_level=IdempotencyLevel.IDEMPOTENT,
+                stream_type=StreamType.UNARY,
+            ),
+            headers=headers,
+            timeout_ms=timeout_ms,
+        )
     async def list_users(
         self,
         request: ListUsersRequest,
@@ -288,6 +332,14 @@ class UserServiceSync(Protocol):
     def get_user(self, request: GetUserRequest, ctx: RequestContext[GetUserRequest, GetUserResponse], /) -> GetUserResponse:
         """
         Returns one user's profile.
+        """
+        raise ConnectError(Code.UNIMPLEMENTED, 'Not implemented')
+
+    def delete_me(self, request: DeleteMeRequest, ctx: RequestContext[DeleteMeRequest, DeleteMeResponse], /) -> DeleteMeResponse:
+        """
+        Deletes the caller's account: the profile is marked deleted, the Firebase
+        user is disabled and `UserDeleted` is published so that other domains
+        remove the user's data. The caller's tokens are refused afterwards.
         """
         raise ConnectError(Code.UNIMPLEMENTED, 'Not implemented')
 
@@ -341,6 +393,17 @@ class UserServiceWSGIApplication(ConnectWSGIApplication):
                         stream_type=StreamType.UNARY,
                     ),
                     function=service.get_user,
+                ),
+                "/functions.user.v1.UserService/DeleteMe": EndpointSync.unary(
+                    method=MethodInfo(
+                        name="DeleteMe",
+                        service_name="functions.user.v1.UserService",
+                        input=DeleteMeRequest,
+                        output=DeleteMeResponse,
+                        idempotency_level=IdempotencyLevel.IDEMPOTENT,
+                        stream_type=StreamType.UNARY,
+                    ),
+                    function=service.delete_me,
                 ),
                 "/functions.user.v1.UserService/ListUsers": EndpointSync.unary(
                     method=MethodInfo(
@@ -468,6 +531,31 @@ class UserServiceClientSync(ConnectClientSync):
             headers=headers,
             timeout_ms=timeout_ms,
             use_get=use_get,
+        )
+    def delete_me(
+        self,
+        request: DeleteMeRequest,
+        *,
+        headers: Headers | Mapping[str, str] | None = None, 
+        timeout_ms: int | None = None,
+    ) -> DeleteMeResponse:
+        """
+        Deletes the caller's account: the profile is marked deleted, the Firebase
+        user is disabled and `UserDeleted` is published so that other domains
+        remove the user's data. The caller's tokens are refused afterwards.
+        """
+        return self.execute_unary(
+            request=request,
+            method=MethodInfo(
+                name="DeleteMe",
+                service_name="functions.user.v1.UserService",
+                input=DeleteMeRequest,
+                output=DeleteMeResponse,
+                idempotency_level=IdempotencyLevel.IDEMPOTENT,
+                stream_type=StreamType.UNARY,
+            ),
+            headers=headers,
+            timeout_ms=timeout_ms,
         )
     def list_users(
         self,

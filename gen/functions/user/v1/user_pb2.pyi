@@ -99,3 +99,17 @@ class ListUsersResponse(_message.Message):
     users: _containers.RepeatedCompositeFieldContainer[User]
     next_page_token: str
     def __init__(self, users: _Optional[_Iterable[_Union[User, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
+
+class DeleteMeRequest(_message.Message):
+    __slots__ = ("etag",)
+    ETAG_FIELD_NUMBER: _ClassVar[int]
+    etag: str
+    def __init__(self, etag: _Optional[str] = ...) -> None: ...
+
+class DeleteMeResponse(_message.Message):
+    __slots__ = ("uid", "delete_time")
+    UID_FIELD_NUMBER: _ClassVar[int]
+    DELETE_TIME_FIELD_NUMBER: _ClassVar[int]
+    uid: str
+    delete_time: _timestamp_pb2.Timestamp
+    def __init__(self, uid: _Optional[str] = ..., delete_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
