@@ -43,8 +43,15 @@ run: install
 	echo
 	$(BIN)/python -m app serve --port $(PORT)
 
+# Contracts must stay compatible with the previous commit's (BREAKING_BASE to compare with another).
+BREAKING_BASE ?= $(shell git rev-parse -q --verify HEAD~1 2>/dev/null)
+
 test: install pgbouncer
 	node_modules/.bin/buf lint
+	@if [ -n "$(BREAKING_BASE)" ]; then \
+		echo "buf breaking --against $(BREAKING_BASE)"; \
+		node_modules/.bin/buf breaking --against '.git#ref=$(BREAKING_BASE)'; \
+	else echo "buf breaking: no earlier commit to compare with"; fi
 	$(BIN)/python -m pytest
 
 generate: install
