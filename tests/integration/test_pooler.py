@@ -50,15 +50,22 @@ class Pooler:
     process: subprocess.Popen
     port: int
     log_path: Path
+    config: Path
 
     def url(self, *, pooler_flag: bool) -> str:
         query = "?pgbouncer=true" if pooler_flag else ""
         return f"postgresql+asyncpg://postgres@127.0.0.1:{self.port}/functions{query}"
 
     def stop(self) -> None:
-        if self.process.poll() is None:
+        if self.process is not None and self.process.poll() is None:
             self.process.terminate()
             self.process.wait(timeout=5)
+
+    def start(self) -> None:
+        """Start PgBouncer with this pooler's config and wait until it listens."""
+        with self.log_path.open("ab") as log_file:
+            self.process = subprocess.Popen([str(PGBOUNCER), str(self.config)], stdout=log_file, stderr=subprocess.STDOUT)
+        wait_for_port(self)
 
 
 def write_config(directory: Path, port: int, server_url: str) -> Path:
@@ -121,11 +128,10 @@ def pooler(postgres_database: Database, postgres_url: str, tmp_path: Path) -> It
     port = free_port()
     config = write_config(tmp_path, port, postgres_url)
     log_path = tmp_path / "pgbouncer.log"
-    with log_path.open("wb") as log_file:
-        process = subprocess.Popen([str(PGBOUNCER), str(config)], stdout=log_file, stderr=subprocess.STDOUT)
-    running = Pooler(process=process, port=port, log_path=log_path)
+    log_path.touch()
+    running = Pooler(process=None, port=port, log_path=log_path, config=config)
     try:
-        wait_for_port(running)
+        running.start()
         yield running
     finally:
         running.stop()
@@ -234,3 +240,71 @@ async def test_concurrent_read_rpcs_through_pooler_succeed(pooler: Pooler, seede
 
     assert [reply.status_code for reply in replies] == [200] * CONCURRENT_READS
     assert all(reply.json()["user"]["uid"].startswith("pooled-") for reply in replies)
+
+
+async def test_database_outage_mid_flow_recovers(pooler: Pooler, tmp_path: Path) -> None:
+    """The database disappears between calls (the pooler stops): calls fail with unavailable,
+    nothing is half-written, and calls and event delivery resume once it is back."""
+    import httpx
+    from sqlalchemy import func, select
+
+    from app.platform.events import OutboxEventRow
+    from tests.e2e.conftest import Tokens, server_env
+    from tests.servers import run_server
+    from tests.support import CertificateServer, certs_document, rsa_key
+
+    key = rsa_key("outage-e2e")
+    tokens = Tokens(key)
+    url = pooler.url(pooler_flag=True)
+    headers = lambda uid: {"content-type": "application/json", "authorization": f"Bearer {tokens.mint(uid)}"}  # noqa: E731
+
+    with CertificateServer(certs_document({"e2e-key": key}), max_age=3600) as certificates:
+        env = server_env(certificates, url, DEV_KEYS_DIR=str(tmp_path / "keys"), DATABASE_POOL_TIMEOUT_SECONDS="2")
+        with run_server(env, tmp_path / "server.log") as server:
+            async with httpx.AsyncClient(base_url=server.url, timeout=30) as client:
+                before = await client.post("/functions.user.v1.UserService/GetMe", content=b"{}", headers=headers("outage-a"))
+
+                pooler.stop()
+                started = asyncio.get_running_loop().time()
+                during = await client.post("/functions.user.v1.UserService/GetMe", content=b"{}", headers=headers("outage-b"))
+                during_seconds = asyncio.get_running_loop().time() - started
+                ready_during = await client.get("/readyz")
+
+                pooler.start()
+                after = None
+                for _ in range(50):
+                    after = await client.post("/functions.user.v1.UserService/GetMe", content=b"{}", headers=headers("outage-b"))
+                    if after.status_code == 200:
+                        break
+                    await asyncio.sleep(0.2)
+
+            database = pooler_database(url)
+            try:
+                for _ in range(50):
+                    async with database.unit_of_work() as session:
+                        unpublished = (
+                            await session.execute(
+                                select(func.count()).select_from(OutboxEventRow).where(OutboxEventRow.published_at.is_(None))
+                            )
+                        ).scalar_one()
+                    if unpublished == 0:
+                        break
+                    await asyncio.sleep(0.2)
+                async with database.unit_of_work() as session:
+                    created = (
+                        await session.execute(select(func.count()).select_from(OutboxEventRow).where(OutboxEventRow.actor_uid == "outage-b"))
+                    ).scalar_one()
+            finally:
+                await database.dispose()
+
+    assert before.status_code == 200
+    assert during.status_code == 503
+    assert during.json()["code"] == "unavailable"
+    assert "SELECT" not in during.text
+    assert during_seconds < 10
+    assert ready_during.status_code == 503
+    assert after.status_code == 200
+    assert after.json()["user"]["uid"] == "outage-b"
+    # The failed call left no event behind; the successful one recorded exactly one.
+    assert created == 1
+    assert unpublished == 0
