@@ -1,4 +1,4 @@
-"""Command line: `python -m app serve | migrate | dev-token | events`."""
+"""Command line: `python -m app serve | worker | migrate | dev-token | events`."""
 
 from __future__ import annotations
 
@@ -47,6 +47,34 @@ def serve(settings: Settings, args: argparse.Namespace) -> None:
     )
     install_exit_handlers()
     DrainingServer(config, draining=app.state.health.shutting_down).run()
+
+
+def worker(settings: Settings, args: argparse.Namespace) -> None:
+    """Relay committed events to the consumers until SIGTERM or SIGINT, then flush and exit."""
+    import signal
+
+    from app.main import build_consumers
+    from app.platform.db import Database
+    from app.platform.events import EventRelay
+    from app.platform.logs import configure_logging
+
+    configure_logging(settings)
+
+    async def run() -> None:
+        database = Database.from_settings(settings)
+        relay = EventRelay(database, build_consumers(settings))
+        stopping = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signal_number in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signal_number, stopping.set)
+        relay.start()
+        try:
+            await stopping.wait()
+        finally:
+            await relay.stop()
+            await database.dispose()
+
+    asyncio.run(run())
 
 
 def migrate(settings: Settings, args: argparse.Namespace) -> None:
@@ -102,6 +130,9 @@ def main(argv: list[str] | None = None) -> None:
         help="seconds in-flight calls get to finish after SIGTERM (default: SHUTDOWN_GRACE_SECONDS or 20)",
     )
     serve_parser.set_defaults(run=serve)
+
+    worker_parser = commands.add_parser("worker", help="relay committed events to their consumers")
+    worker_parser.set_defaults(run=worker)
 
     migrate_parser = commands.add_parser("migrate", help="apply pending database migrations")
     migrate_parser.set_defaults(run=migrate)

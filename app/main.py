@@ -159,11 +159,13 @@ def create_app(settings: Settings | None = None) -> Starlette:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        relay.start()
+        if settings.events_relay_in_web:
+            relay.start()
         log.info("serving %s", ", ".join(service_names), extra={"services": service_names})
         yield
         health.shutting_down.set()
-        await relay.stop()
+        if settings.events_relay_in_web:
+            await relay.stop()
         if certificates is not None:
             await certificates.aclose()
         await database.dispose()

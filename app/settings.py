@@ -69,6 +69,10 @@ class Settings(BaseSettings):
     # Seconds in-flight unary calls get to finish after SIGTERM; below fly.toml's kill_timeout.
     shutdown_grace_seconds: float = Field(default=20.0, ge=0)
 
+    # Run the event relay inside each web process (the embedded default). Set false when a
+    # separate `python -m app worker` process relays the events instead.
+    events_relay_in_web: bool = True
+
     # OTLP/HTTP endpoint for traces, e.g. http://collector:4318; empty exports nothing.
     otel_exporter_otlp_endpoint: str = ""
     otel_service_name: str = "functions"
