@@ -43,6 +43,7 @@ MAX_ATTEMPTS = 5
 BACKOFF_BASE_SECONDS = 0.5
 BACKOFF_MAX_SECONDS = 60.0
 POLL_INTERVAL_SECONDS = 0.5
+FAILURE_LOG_INTERVAL_SECONDS = 30.0
 BATCH_SIZE = 100
 # Time the relay gets at shutdown to deliver what is committed but not yet published.
 FLUSH_TIMEOUT_SECONDS = 5.0
@@ -260,13 +261,17 @@ class EventRelay:
 
     async def run(self) -> None:
         """Poll and deliver until `stop` is called."""
+        last_failure_log = float("-inf")
         while not self._stopping.is_set():
             published = 0
             try:
                 published = await self.run_once()
             except Exception:
-                # Typically Unavailable while the database is down. The next pass tries again.
-                log.exception("event relay pass failed; retrying", extra={"poll_interval_seconds": self._poll_interval_seconds})
+                # Typically Unavailable while the database is down. The next pass tries again;
+                # the failure is logged once per FAILURE_LOG_INTERVAL_SECONDS, not every pass.
+                if self._clock() - last_failure_log >= FAILURE_LOG_INTERVAL_SECONDS:
+                    last_failure_log = self._clock()
+                    log.exception("event relay pass failed; retrying", extra={"poll_interval_seconds": self._poll_interval_seconds})
             if published == self._batch_size:
                 continue
             try:
