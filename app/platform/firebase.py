@@ -119,7 +119,7 @@ class FirebaseAdmin:
         self._timeout_seconds = timeout_seconds
         self._clock = clock
         self._slots = asyncio.Semaphore(max_concurrency)
-        # Called with the uid after each successful revoke_sessions, e.g. to drop cached tokens.
+        # Called with the uid after each successful revoke_sessions or disable_user, e.g. to drop cached tokens.
         self.revocation_listeners: list[Callable[[str], None]] = []
         # The firebase_admin app is created with the first client (see _auth_client).
         self._app = None
@@ -190,6 +190,22 @@ class FirebaseAdmin:
         for listener in self.revocation_listeners:
             listener(uid)
         return datetime.fromtimestamp(valid_after_ms / 1000, UTC)
+
+    async def disable_user(self, uid: str) -> None:
+        """Disable a user's account, so Firebase rejects their sign-ins and token refreshes.
+
+        Existing ID tokens stay valid until they expire, unless the verifier checks revocation
+        (AUTH_CHECK_REVOKED), which rejects them with USER_DISABLED.
+
+        Raises:
+            NotFound: when no user has this uid.
+            FailedPrecondition: when Firebase Admin credentials are not configured.
+            Unavailable: when Firebase Auth fails or does not respond in time.
+        """
+        await self._run("disable_user", uid, lambda client: client.update_user(uid, disabled=True))
+        # A disabled account is a revocation too: listeners drop the user's cached tokens.
+        for listener in self.revocation_listeners:
+            listener(uid)
 
     async def check_revoked(self, principal: Principal) -> None:
         """Reject the token of a principal whose sessions were revoked or whose account is disabled or gone.

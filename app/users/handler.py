@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
-from connectrpc.code import Code
-from connectrpc.errors import ConnectError
+from datetime import datetime
+
 from connectrpc.request import RequestContext
 from functions.user.v1 import user_pb2
+from google.protobuf.timestamp_pb2 import Timestamp
 
 from app.platform.context import Principal, current_principal
 from app.platform.db import Database
 from app.platform.errors import Unauthenticated
+from app.platform.firebase import FirebaseAdmin
 from app.users import logic
 from app.users.convert import updatable_values, user_to_proto
 
@@ -17,8 +19,15 @@ from app.users.convert import updatable_values, user_to_proto
 class UserHandler:
     """UserService over the users tables."""
 
-    def __init__(self, database: Database) -> None:
+    def __init__(self, database: Database, firebase: FirebaseAdmin | None = None) -> None:
+        """Create the service.
+
+        Args:
+            firebase: disables the Firebase user of a deleted account. Without it, DeleteMe still
+                deletes the profile but then fails with failed_precondition.
+        """
         self._database = database
+        self._firebase = firebase
 
     async def get_me(self, request: user_pb2.GetMeRequest, ctx: RequestContext, /) -> user_pb2.GetMeResponse:
         principal = _signed_in_principal()
@@ -41,20 +50,33 @@ class UserHandler:
     async def get_user(self, request: user_pb2.GetUserRequest, ctx: RequestContext, /) -> user_pb2.GetUserResponse:
         # An empty uid means the caller. The policy interceptor has already checked that a
         # non-empty uid is the caller's own or that the caller is an admin.
-        uid = request.uid or _signed_in_principal().uid
+        principal = _signed_in_principal()
+        uid = request.uid or principal.uid
 
         async with self._database.unit_of_work() as session:
-            profile = await logic.get_profile(session, uid)
+            profile = await logic.get_profile(session, uid, caller=principal)
 
         return user_pb2.GetUserResponse(user=user_to_proto(profile))
 
     async def delete_me(self, request: user_pb2.DeleteMeRequest, ctx: RequestContext, /) -> user_pb2.DeleteMeResponse:
-        # NOTE: account deletion is not built yet; the method is declared so clients see unimplemented.
-        raise ConnectError(Code.UNIMPLEMENTED, "DeleteMe is not implemented yet")
+        principal = _signed_in_principal()
+
+        # The deletion commits before Firebase is called. In the other order, a failure after
+        # disabling the Firebase user would leave a profile that its owner can no longer delete,
+        # because their tokens are then rejected. In this order, a repeated DeleteMe finishes it.
+        async with self._database.unit_of_work() as session:
+            profile = await logic.delete_profile(session, principal, request.etag)
+        await logic.disable_sign_in(self._firebase, profile.uid)
+
+        return user_pb2.DeleteMeResponse(uid=profile.uid, delete_time=_timestamp(profile.delete_time))
 
     async def list_users(self, request: user_pb2.ListUsersRequest, ctx: RequestContext, /) -> user_pb2.ListUsersResponse:
+        principal = _signed_in_principal()
+
         async with self._database.unit_of_work() as session:
-            page = await logic.list_profiles(session, request.page_size, request.page_token, request.email_prefix)
+            page = await logic.list_profiles(
+                session, request.page_size, request.page_token, request.email_prefix, caller=principal
+            )
 
         return user_pb2.ListUsersResponse(
             users=[user_to_proto(profile) for profile in page.profiles],
@@ -69,3 +91,9 @@ def _signed_in_principal() -> Principal:
     if principal is None:
         raise Unauthenticated("this method requires a signed-in caller: send 'Authorization: Bearer <Firebase ID token>'")
     return principal
+
+
+def _timestamp(value: datetime) -> Timestamp:
+    timestamp = Timestamp()
+    timestamp.FromDatetime(value)
+    return timestamp

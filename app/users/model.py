@@ -41,6 +41,9 @@ class UserRow(Base):
     version: Mapped[int] = mapped_column(Integer)
     create_time: Mapped[datetime] = mapped_column(UtcDateTime)
     update_time: Mapped[datetime] = mapped_column(UtcDateTime)
+    # Set by DeleteMe. The row stays as a tombstone with its personal fields cleared, so that
+    # GetMe cannot create the profile again from a token of the deleted user.
+    delete_time: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True)
 
     # lazy="raise" turns a forgotten selectinload into an error at once, instead of an
     # implicit query that fails with MissingGreenlet under asyncio.
@@ -77,6 +80,12 @@ class UserProfile:
     update_time: datetime
     version: int = 1
     preferences: dict[str, str] = field(default_factory=dict)
+    delete_time: datetime | None = None
+
+    @property
+    def is_deleted(self) -> bool:
+        """Whether DeleteMe deleted this profile, which is then a tombstone without personal data."""
+        return self.delete_time is not None
 
     @property
     def etag(self) -> str:
@@ -98,4 +107,5 @@ def profile_from_row(row: UserRow) -> UserProfile:
         update_time=row.update_time,
         version=row.version,
         preferences={preference.key: preference.value for preference in row.preferences},
+        delete_time=row.delete_time,
     )

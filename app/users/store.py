@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from datetime import datetime
+
 from sqlalchemy import Insert, delete, insert, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -41,6 +43,7 @@ async def find_user(session: AsyncSession, uid: str) -> UserProfile | None:
         update_time=first["update_time"],
         version=first["version"],
         preferences={row["preference_key"]: row["preference_value"] for row in rows if row["preference_key"] is not None},
+        delete_time=first["delete_time"],
     )
 
 
@@ -55,12 +58,13 @@ async def get_user(session: AsyncSession, uid: str) -> UserProfile:
 async def list_users(
     session: AsyncSession, *, limit: int, after_uid: str = "", email_prefix: str = ""
 ) -> list[UserProfile]:
-    """List at most `limit` profiles ordered by uid, starting after `after_uid`.
+    """List at most `limit` profiles ordered by uid, starting after `after_uid`, without deleted ones.
 
     `email_prefix` must be lower-case, like the stored emails.
     """
     statement = (
         select(UserRow)
+        .where(UserRow.delete_time.is_(None))
         .options(selectinload(UserRow.preferences))
         .order_by(UserRow.uid)
         .limit(limit)
@@ -73,6 +77,11 @@ async def list_users(
         statement = statement.where(UserRow.email.startswith(email_prefix, autoescape=True))
     rows = (await session.execute(statement)).scalars().all()
     return [profile_from_row(row) for row in rows]
+
+
+async def find_delete_time(session: AsyncSession, uid: str) -> datetime | None:
+    """Return when the profile of `uid` was deleted, or None when it is not deleted or does not exist."""
+    return await session.scalar(select(UserRow.delete_time).where(UserRow.uid == uid))
 
 
 async def add_user(session: AsyncSession, profile: UserProfile) -> bool:
@@ -119,6 +128,7 @@ async def update_user(session: AsyncSession, profile: UserProfile, *, expected_v
             bio=profile.bio,
             version=profile.version,
             update_time=profile.update_time,
+            delete_time=profile.delete_time,
         )
         .execution_options(synchronize_session=False)
     )
