@@ -69,11 +69,21 @@ def build_verifier(
 
 def build_consumers(settings: Settings) -> list[Consumer]:
     """Return the event consumers of every enabled domain."""
-    return []
+    consumers = []
+    if "notifications" in settings.enabled_services:
+        from app.notifications.events import process_hub, welcome_consumer
+
+        consumers.append(welcome_consumer(process_hub))
+    return consumers
 
 
-def build_services(settings: Settings, database: Database, firebase: FirebaseAdmin) -> list:
-    """Create the connectrpc application of every enabled domain."""
+def build_services(
+    settings: Settings, database: Database, firebase: FirebaseAdmin, shutting_down: asyncio.Event
+) -> list:
+    """Create the connectrpc application of every enabled domain.
+
+    Server streams end with `unavailable` once `shutting_down` is set.
+    """
     options = {
         "interceptors": service_interceptors(settings.default_deadline_seconds),
         "read_max_bytes": settings.max_request_bytes,
@@ -92,6 +102,14 @@ def build_services(settings: Settings, database: Database, firebase: FirebaseAdm
         from app.users.handler import UserHandler
 
         services.append(UserServiceASGIApplication(UserHandler(database), **options))
+    if "notifications" in settings.enabled_services:
+        from functions.notification.v1.notification_connect import NotificationServiceASGIApplication
+
+        from app.notifications.events import process_hub
+        from app.notifications.handler import NotificationHandler
+
+        handler = NotificationHandler(database, process_hub, shutting_down)
+        services.append(NotificationServiceASGIApplication(handler, **options))
     return services
 
 
@@ -146,9 +164,12 @@ def create_app(settings: Settings | None = None) -> Starlette:
             return False
         return True
 
-    services = build_services(settings, database, firebase)
+    # Set when shutdown starts (see DrainingServer); every server stream ends on it.
+    shutting_down = asyncio.Event()
+    services = build_services(settings, database, firebase, shutting_down)
     service_names = [app.path.strip("/") for app in services]
     health = HealthService(service_names, is_ready)
+    health.shutting_down = shutting_down
     platform_options = {"interceptors": service_interceptors(settings.default_deadline_seconds), "codecs": server_codecs()}
     rpc_apps = [
         *services,

@@ -10,7 +10,7 @@ from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 GOOGLE_CERTS_URL = "https://www.googleapis.com/robot/v1/metadata/x509/securetoken@system.gserviceaccount.com"
-ALL_SERVICES = ("auth", "users")
+ALL_SERVICES = ("auth", "users", "notifications")
 DEV_PROJECT_ID = "functions-dev"
 
 

@@ -1,0 +1,138 @@
+"""Live delivery of new notifications to Subscribe streams, and the UserCreated consumer.
+
+`NotificationHub` fans notifications out to the subscriptions of this process only: a
+notification created through another instance reaches its subscribers there, not here.
+`publish_after_commit` hands a notification to the hub once the transaction that stored it has
+committed, so a subscriber never receives a notification that a rollback then removes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import defaultdict
+from typing import cast
+
+from functions.events.v1 import events_pb2
+from sqlalchemy import event as sqlalchemy_event
+from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import Session
+
+from app.notifications.model import Notification
+from app.platform.errors import ResourceExhausted
+from app.platform.events import Consumer, Event
+
+log = logging.getLogger(__name__)
+
+# New notifications a subscription buffers for a stream that has not sent them yet. A stream
+# that falls further behind is ended, and its client resumes from the last id it received.
+SUBSCRIPTION_QUEUE_SIZE = 100
+# Open Subscribe streams per user in one process.
+MAX_SUBSCRIPTIONS_PER_USER = 5
+WELCOME_CONSUMER_NAME = "notifications.welcome"
+WELCOME_TITLE = "Welcome"
+WELCOME_BODY = "Your account is ready."
+_PENDING_KEY = "notifications.pending"
+
+
+class Subscription:
+    """The live notifications of one Subscribe stream, in commit order."""
+
+    def __init__(self, uid: str, queue_size: int) -> None:
+        self.uid = uid
+        self.queue: asyncio.Queue[Notification] = asyncio.Queue(maxsize=queue_size)
+        # Set when the queue was full: the stream has missed notifications and must end.
+        self.overflowed = False
+
+
+class NotificationHub:
+    """The open subscriptions of this process, by uid."""
+
+    def __init__(
+        self,
+        *,
+        queue_size: int = SUBSCRIPTION_QUEUE_SIZE,
+        max_subscriptions_per_user: int = MAX_SUBSCRIPTIONS_PER_USER,
+    ) -> None:
+        self.queue_size = queue_size
+        self.max_subscriptions_per_user = max_subscriptions_per_user
+        self._subscriptions: defaultdict[str, set[Subscription]] = defaultdict(set)
+
+    def subscribe(self, uid: str) -> Subscription:
+        """Open a subscription to the new notifications of `uid`, or raise ResourceExhausted past the per-user limit."""
+        subscriptions = self._subscriptions[uid]
+        if len(subscriptions) >= self.max_subscriptions_per_user:
+            raise ResourceExhausted(
+                f"user {uid} already has {len(subscriptions)} open Subscribe streams on this server, "
+                f"the maximum: close one and retry",
+                reason="TOO_MANY_SUBSCRIPTIONS",
+            )
+        subscription = Subscription(uid, self.queue_size)
+        subscriptions.add(subscription)
+        return subscription
+
+    def unsubscribe(self, subscription: Subscription) -> None:
+        """Close a subscription; closing it twice is harmless."""
+        subscriptions = self._subscriptions.get(subscription.uid)
+        if subscriptions is None:
+            return
+        subscriptions.discard(subscription)
+        if not subscriptions:
+            del self._subscriptions[subscription.uid]
+
+    def subscription_count(self, uid: str) -> int:
+        """Return how many subscriptions `uid` has open."""
+        return len(self._subscriptions.get(uid, ()))
+
+    def publish(self, notification: Notification) -> None:
+        """Queue a committed notification for every subscription of its user, without waiting for any of them."""
+        for subscription in list(self._subscriptions.get(notification.uid, ())):
+            try:
+                subscription.queue.put_nowait(notification)
+            except asyncio.QueueFull:
+                # Waiting here would hold every other subscriber back, so the slow one is dropped instead.
+                subscription.overflowed = True
+                self.unsubscribe(subscription)
+                log.warning(
+                    "subscriber fell behind; ending its stream",
+                    extra={"uid": notification.uid, "queue_size": self.queue_size},
+                )
+
+
+# The hub of this server process, shared by NotificationService and the welcome consumer.
+process_hub = NotificationHub()
+
+
+def publish_after_commit(session: AsyncSession, hub: NotificationHub, notification: Notification) -> None:
+    """Publish `notification` to `hub` when the session's transaction commits; drop it on rollback."""
+    sync_session = session.sync_session
+    pending = sync_session.info.get(_PENDING_KEY)
+    if pending is None:
+        pending = sync_session.info[_PENDING_KEY] = []
+        sqlalchemy_event.listen(sync_session, "after_commit", _publish_pending)
+        sqlalchemy_event.listen(sync_session, "after_soft_rollback", _drop_pending)
+    pending.append((hub, notification))
+
+
+def _publish_pending(sync_session: Session) -> None:
+    pending = sync_session.info.get(_PENDING_KEY) or []
+    sync_session.info[_PENDING_KEY] = []
+    for hub, notification in pending:
+        hub.publish(notification)
+
+
+def _drop_pending(sync_session: Session, previous_transaction: object) -> None:
+    sync_session.info[_PENDING_KEY] = []
+
+
+def welcome_consumer(hub: NotificationHub) -> Consumer:
+    """Build the consumer that sends every new user a welcome notification."""
+    # Imported here because logic imports this module for the hub.
+    from app.notifications import logic
+
+    async def send_welcome(event: Event, session: AsyncSession) -> None:
+        # The relay hands this consumer UserCreated events only.
+        created = cast(events_pb2.UserCreated, event.message)
+        await logic.send_notification(session, hub, created.uid, WELCOME_TITLE, WELCOME_BODY)
+
+    return Consumer(name=WELCOME_CONSUMER_NAME, event_types=(events_pb2.UserCreated,), handler=send_welcome)

@@ -1,0 +1,79 @@
+"""Queries on the notifications table. Functions take the caller's session and never commit."""
+
+from __future__ import annotations
+
+from collections.abc import Collection
+from datetime import datetime
+
+from sqlalchemy import func, insert, select, text, update
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from app.notifications.model import Notification, NotificationRow, notification_from_row
+
+
+async def add_notification(session: AsyncSession, uid: str, title: str, body: str, create_time: datetime) -> Notification:
+    """Insert a notification and return it with its new id.
+
+    On Postgres the insert first takes a transaction-scoped advisory lock on the uid. Ids come from
+    a sequence, and without the lock two concurrent transactions could commit a user's ids out of
+    order, so a subscriber resuming after the larger id would miss the smaller one. With the lock,
+    a user's notifications commit in id order. SQLite allows one writer at a time, which gives the
+    same order.
+    """
+    if session.get_bind().dialect.name == "postgresql":
+        # hashtext collisions only make two users' inserts wait for each other.
+        await session.execute(text("SELECT pg_advisory_xact_lock(hashtext(:uid))"), {"uid": uid})
+
+    statement = (
+        insert(NotificationRow)
+        .values(uid=uid, title=title, body=body, create_time=create_time, read_time=None)
+        .returning(NotificationRow.id)
+    )
+    notification_id = (await session.execute(statement)).scalar_one()
+    return Notification(id=notification_id, uid=uid, title=title, body=body, create_time=create_time)
+
+
+async def list_notifications(
+    session: AsyncSession, uid: str, *, limit: int, before_id: int | None = None, unread_only: bool = False
+) -> list[Notification]:
+    """List at most `limit` notifications of `uid`, newest first, with ids below `before_id` when given."""
+    statement = select(NotificationRow).where(NotificationRow.uid == uid)
+    if before_id is not None:
+        statement = statement.where(NotificationRow.id < before_id)
+    if unread_only:
+        statement = statement.where(NotificationRow.read_time.is_(None))
+    statement = statement.order_by(NotificationRow.id.desc()).limit(limit)
+    return [notification_from_row(row) for row in (await session.execute(statement)).scalars()]
+
+
+async def list_notifications_after(session: AsyncSession, uid: str, *, after_id: int, limit: int) -> list[Notification]:
+    """List at most `limit` notifications of `uid` with ids above `after_id`, oldest first."""
+    statement = (
+        select(NotificationRow)
+        .where(NotificationRow.uid == uid, NotificationRow.id > after_id)
+        .order_by(NotificationRow.id)
+        .limit(limit)
+    )
+    return [notification_from_row(row) for row in (await session.execute(statement)).scalars()]
+
+
+async def count_unread(session: AsyncSession, uid: str) -> int:
+    """Count the unread notifications of `uid`."""
+    statement = select(func.count()).where(NotificationRow.uid == uid, NotificationRow.read_time.is_(None))
+    return (await session.execute(statement)).scalar_one()
+
+
+async def find_missing_ids(session: AsyncSession, uid: str, ids: Collection[int]) -> set[int]:
+    """Return the ids among `ids` that are not notifications of `uid`."""
+    statement = select(NotificationRow.id).where(NotificationRow.uid == uid, NotificationRow.id.in_(ids))
+    found = set((await session.execute(statement)).scalars())
+    return set(ids) - found
+
+
+async def mark_read(session: AsyncSession, uid: str, now: datetime, ids: Collection[int] | None = None) -> int:
+    """Set the read time of the unread notifications of `uid`, only those in `ids` when given, and return how many."""
+    statement = update(NotificationRow).where(NotificationRow.uid == uid, NotificationRow.read_time.is_(None))
+    if ids is not None:
+        statement = statement.where(NotificationRow.id.in_(ids))
+    result = await session.execute(statement.values(read_time=now).execution_options(synchronize_session=False))
+    return result.rowcount
