@@ -101,7 +101,7 @@ def build_services(
 
         from app.users.handler import UserHandler
 
-        services.append(UserServiceASGIApplication(UserHandler(database), **options))
+        services.append(UserServiceASGIApplication(UserHandler(database, firebase), **options))
     if "notifications" in settings.enabled_services:
         from functions.notification.v1.notification_connect import NotificationServiceASGIApplication
 

@@ -57,6 +57,9 @@ class BrokenUsers:
     async def list_users(self, request, ctx):
         return user_pb2.ListUsersResponse()
 
+    async def delete_me(self, request, ctx):
+        return user_pb2.DeleteMeResponse()
+
 
 class Ticker:
     """Streams one health message per interval: a stand-in for any server stream."""
