@@ -182,9 +182,17 @@ def create_app(settings: Settings | None = None) -> Starlette:
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         if settings.events_relay_in_web:
             relay.start()
+        notification_fanout = None
+        if "notifications" in settings.enabled_services:
+            from app.notifications.events import process_hub
+            from app.notifications.fanout import start_fanout
+
+            notification_fanout = await start_fanout(database, process_hub)
         log.info("serving %s", ", ".join(service_names), extra={"services": service_names})
         yield
         health.shutting_down.set()
+        if notification_fanout is not None:
+            await notification_fanout.stop()
         if settings.events_relay_in_web:
             await relay.stop()
         if certificates is not None:

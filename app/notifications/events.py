@@ -1,16 +1,22 @@
 """Live delivery of new notifications to Subscribe streams, and the UserCreated consumer.
 
-`NotificationHub` fans notifications out to the subscriptions of this process only: a
-notification created through another instance reaches its subscribers there, not here.
-`publish_after_commit` hands a notification to the hub once the transaction that stored it has
-committed, so a subscriber never receives a notification that a rollback then removes.
+`NotificationHub` fans notifications out to the subscriptions of this process.
+`publish_on_commit` makes a stored notification reach the hubs once its transaction commits, so
+a subscriber never receives a notification that a rollback then removes. On SQLite, a single
+process, the session's after_commit hook publishes to this process's hub. On Postgres the
+transaction also sends `NOTIFY functions_notifications, '<uid>:<id>'`, which the fan-out in
+app/notifications/fanout.py turns into hub publishes on every instance. A hub fed that way
+(`delivered_by_notify`) gets no after_commit publish, so the creating process delivers each
+notification once, in commit order like every other instance.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections import defaultdict
+from collections.abc import Iterable
 from typing import cast
 
 from functions.events.v1 import events_pb2
@@ -21,6 +27,7 @@ from sqlalchemy.orm import Session
 from app.notifications.model import Notification
 from app.platform.errors import ResourceExhausted
 from app.platform.events import Consumer, Event
+from app.platform.pubsub import notify
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +40,8 @@ WELCOME_CONSUMER_NAME = "notifications.welcome"
 WELCOME_TITLE = "Welcome"
 WELCOME_BODY = "Your account is ready."
 _PENDING_KEY = "notifications.pending"
+# The Postgres channel that carries `<uid>:<id>` of each committed notification to every instance.
+NOTIFY_CHANNEL = "functions_notifications"
 
 
 class Subscription:
@@ -40,9 +49,12 @@ class Subscription:
 
     def __init__(self, uid: str, queue_size: int) -> None:
         self.uid = uid
-        self.queue: asyncio.Queue[Notification] = asyncio.Queue(maxsize=queue_size)
+        # None, queued after the last notification, means live delivery was interrupted.
+        self.queue: asyncio.Queue[Notification | None] = asyncio.Queue(maxsize=queue_size)
         # Set when the queue was full: the stream has missed notifications and must end.
         self.overflowed = False
+        # Set when this process may have missed notifications for the stream, which must end.
+        self.interrupted = False
 
 
 class NotificationHub:
@@ -57,6 +69,9 @@ class NotificationHub:
         self.queue_size = queue_size
         self.max_subscriptions_per_user = max_subscriptions_per_user
         self._subscriptions: defaultdict[str, set[Subscription]] = defaultdict(set)
+        # Set when a Postgres fan-out publishes every committed notification to this hub, so the
+        # after_commit hook must not publish a second copy.
+        self.delivered_by_notify = False
 
     def subscribe(self, uid: str) -> Subscription:
         """Open a subscription to the new notifications of `uid`, or raise ResourceExhausted past the per-user limit."""
@@ -84,6 +99,28 @@ class NotificationHub:
         """Return how many subscriptions `uid` has open."""
         return len(self._subscriptions.get(uid, ()))
 
+    def has_subscriptions(self, uid: str) -> bool:
+        """Return whether `uid` has a subscription open in this process."""
+        return uid in self._subscriptions
+
+    def interrupt(self, uids: Iterable[str] | None = None) -> int:
+        """End the subscriptions of `uids`, or all of them, after their queued notifications; return how many.
+
+        Called when notifications for them may have been lost, so that their clients resume with
+        the last id received and the replay fills the gap.
+        """
+        targets = list(self._subscriptions) if uids is None else [uid for uid in set(uids) if uid in self._subscriptions]
+        count = 0
+        for uid in targets:
+            for subscription in list(self._subscriptions.get(uid, ())):
+                subscription.interrupted = True
+                self.unsubscribe(subscription)
+                # A full queue needs no marker: the stream already ends once it drains the queue.
+                with contextlib.suppress(asyncio.QueueFull):
+                    subscription.queue.put_nowait(None)
+                count += 1
+        return count
+
     def publish(self, notification: Notification) -> None:
         """Queue a committed notification for every subscription of its user, without waiting for any of them."""
         for subscription in list(self._subscriptions.get(notification.uid, ())):
@@ -103,8 +140,20 @@ class NotificationHub:
 process_hub = NotificationHub()
 
 
-def publish_after_commit(session: AsyncSession, hub: NotificationHub, notification: Notification) -> None:
-    """Publish `notification` to `hub` when the session's transaction commits; drop it on rollback."""
+async def publish_on_commit(session: AsyncSession, hub: NotificationHub, notification: Notification) -> None:
+    """Deliver `notification` to subscribers once the session's transaction commits; drop it on rollback.
+
+    On Postgres the transaction sends a NOTIFY for every instance's fan-out. Unless a fan-out
+    feeds `hub`, the after_commit hook also publishes to `hub` directly.
+    """
+    if session.get_bind().dialect.name == "postgresql":
+        await notify(session, NOTIFY_CHANNEL, f"{notification.uid}:{notification.id}")
+        if hub.delivered_by_notify:
+            return
+    _publish_after_commit(session, hub, notification)
+
+
+def _publish_after_commit(session: AsyncSession, hub: NotificationHub, notification: Notification) -> None:
     sync_session = session.sync_session
     pending = sync_session.info.get(_PENDING_KEY)
     if pending is None:

@@ -19,7 +19,7 @@ from datetime import UTC, datetime
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.notifications import store
-from app.notifications.events import NotificationHub, Subscription, publish_after_commit
+from app.notifications.events import NotificationHub, Subscription, publish_on_commit
 from app.notifications.model import BODY_MAX_LENGTH, TITLE_MAX_LENGTH, UID_MAX_LENGTH, Notification
 from app.platform.db import Database
 from app.platform.errors import FieldViolation, InvalidInput, NotFound, Unavailable
@@ -38,6 +38,7 @@ REPLAY_PAGE_SIZE = 100
 HEARTBEAT_INTERVAL_SECONDS = 15.0
 SHUTDOWN_MESSAGE = "server is shutting down: reconnect with the last notification id received"
 OVERFLOW_MESSAGE = "the stream fell too far behind new notifications: reconnect with the last notification id received"
+INTERRUPTED_MESSAGE = "live delivery was interrupted on this server: reconnect with the last notification id received"
 # Allowed in a body besides printable characters.
 _BODY_ALLOWED_CONTROLS = frozenset("\n\r\t")
 
@@ -81,7 +82,7 @@ async def send_notification(
 
     notification = await store.add_notification(session, uid, title, body, now or datetime.now(UTC))
 
-    publish_after_commit(session, hub, notification)
+    await publish_on_commit(session, hub, notification)
     log.info("notification created", extra={"uid": uid, "notification_id": notification.id})
     return notification
 
@@ -152,8 +153,9 @@ async def follow_notifications(
     """Yield the stored notifications of `uid` after `after_id` in id order, then new ones as they commit.
 
     A Heartbeat follows the replay, and another one whenever no notification came for
-    `heartbeat_interval_seconds`. The stream raises Unavailable when `shutting_down` is set or when
-    the subscription's queue overflowed, and ResourceExhausted past the per-user subscription limit.
+    `heartbeat_interval_seconds`. The stream raises Unavailable when `shutting_down` is set, when
+    the subscription's queue overflowed or when the hub interrupted it, and ResourceExhausted past
+    the per-user subscription limit.
     """
     if after_id < 0:
         raise InvalidInput(FieldViolation("after_id", f"must not be negative: got {after_id}"))
@@ -163,16 +165,16 @@ async def follow_notifications(
     subscription = hub.subscribe(uid)
     shutdown_wait = asyncio.ensure_future(shutting_down.wait())
     try:
-        last_replayed_id = after_id
+        last_sent_id = after_id
         while True:
             async with database.unit_of_work() as session:
                 page = await store.list_notifications_after(
-                    session, uid, after_id=last_replayed_id, limit=REPLAY_PAGE_SIZE
+                    session, uid, after_id=last_sent_id, limit=REPLAY_PAGE_SIZE
                 )
             for notification in page:
                 yield notification
             if page:
-                last_replayed_id = page[-1].id
+                last_sent_id = page[-1].id
             if len(page) < REPLAY_PAGE_SIZE:
                 break
         yield Heartbeat(datetime.now(UTC))
@@ -181,9 +183,11 @@ async def follow_notifications(
             notification = await _next_live(subscription, shutdown_wait, heartbeat_interval_seconds)
             if notification is None:
                 yield Heartbeat(datetime.now(UTC))
-            elif notification.id > last_replayed_id:
-                # Notifications with smaller ids were committed before the last replay read, so the replay sent them.
+            elif notification.id > last_sent_id:
+                # A user's notifications commit in id order, so a smaller id was committed before
+                # the last replay read, which sent it. Skipping it also drops any second live copy.
                 yield notification
+                last_sent_id = notification.id
     finally:
         shutdown_wait.cancel()
         hub.unsubscribe(subscription)
@@ -199,8 +203,11 @@ async def _next_live(
     # the ones dropped after them reach the client only through the replay of its next stream.
     if subscription.overflowed and subscription.queue.empty():
         raise Unavailable(OVERFLOW_MESSAGE, reason="SUBSCRIBER_TOO_SLOW")
+    if subscription.interrupted and subscription.queue.empty():
+        # The hub found the queue full and queued no marker.
+        raise Unavailable(INTERRUPTED_MESSAGE, reason="LIVE_DELIVERY_INTERRUPTED")
     if not subscription.queue.empty():
-        return subscription.queue.get_nowait()
+        return _unless_interrupted(subscription.queue.get_nowait())
 
     next_item = asyncio.ensure_future(subscription.queue.get())
     try:
@@ -209,10 +216,17 @@ async def _next_live(
         if not next_item.done():
             next_item.cancel()
     if next_item in done:
-        return next_item.result()
+        return _unless_interrupted(next_item.result())
     if shutdown_wait in done:
         raise Unavailable(SHUTDOWN_MESSAGE, reason="SHUTTING_DOWN")
     return None
+
+
+def _unless_interrupted(item: Notification | None) -> Notification:
+    # The hub queues None after the last notification of a subscription it interrupted.
+    if item is None:
+        raise Unavailable(INTERRUPTED_MESSAGE, reason="LIVE_DELIVERY_INTERRUPTED")
+    return item
 
 
 def encode_page_token(before_id: int, unread_only: bool) -> str:

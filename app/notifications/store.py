@@ -77,3 +77,9 @@ async def mark_read(session: AsyncSession, uid: str, now: datetime, ids: Collect
         statement = statement.where(NotificationRow.id.in_(ids))
     result = await session.execute(statement.values(read_time=now).execution_options(synchronize_session=False))
     return result.rowcount
+
+
+async def get_notifications(session: AsyncSession, ids: Collection[int]) -> list[Notification]:
+    """Return the notifications among `ids` that still exist, in id order."""
+    statement = select(NotificationRow).where(NotificationRow.id.in_(ids)).order_by(NotificationRow.id)
+    return [notification_from_row(row) for row in (await session.execute(statement)).scalars()]
