@@ -71,9 +71,10 @@ def build_consumers(settings: Settings) -> list[Consumer]:
     """Return the event consumers of every enabled domain."""
     consumers = []
     if "notifications" in settings.enabled_services:
-        from app.notifications.events import process_hub, welcome_consumer
+        from app.notifications.events import process_hub, user_deleted_consumer, welcome_consumer
 
         consumers.append(welcome_consumer(process_hub))
+        consumers.append(user_deleted_consumer())
     return consumers
 
 

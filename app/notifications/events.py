@@ -24,6 +24,7 @@ from sqlalchemy import event as sqlalchemy_event
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session
 
+from app.notifications import store
 from app.notifications.model import Notification
 from app.platform.errors import ResourceExhausted
 from app.platform.events import Consumer, Event
@@ -37,6 +38,7 @@ SUBSCRIPTION_QUEUE_SIZE = 100
 # Open Subscribe streams per user in one process.
 MAX_SUBSCRIPTIONS_PER_USER = 5
 WELCOME_CONSUMER_NAME = "notifications.welcome"
+USER_DELETED_CONSUMER_NAME = "notifications.user_deleted"
 WELCOME_TITLE = "Welcome"
 WELCOME_BODY = "Your account is ready."
 _PENDING_KEY = "notifications.pending"
@@ -185,3 +187,14 @@ def welcome_consumer(hub: NotificationHub) -> Consumer:
         await logic.send_notification(session, hub, created.uid, WELCOME_TITLE, WELCOME_BODY)
 
     return Consumer(name=WELCOME_CONSUMER_NAME, event_types=(events_pb2.UserCreated,), handler=send_welcome)
+
+
+def user_deleted_consumer() -> Consumer:
+    """Build the consumer that removes a deleted user's notifications."""
+    async def remove_notifications(event: Event, session: AsyncSession) -> None:
+        # The relay hands this consumer UserDeleted events only.
+        deleted = cast(events_pb2.UserDeleted, event.message)
+        removed = await store.remove_user_notifications(session, deleted.uid)
+        log.info("removed the notifications of a deleted user", extra={"uid": deleted.uid, "count": removed})
+
+    return Consumer(name=USER_DELETED_CONSUMER_NAME, event_types=(events_pb2.UserDeleted,), handler=remove_notifications)

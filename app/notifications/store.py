@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Collection
 from datetime import datetime
 
-from sqlalchemy import func, insert, select, text, update
+from sqlalchemy import delete, func, insert, select, text, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.notifications.model import Notification, NotificationRow, notification_from_row
@@ -83,3 +83,9 @@ async def get_notifications(session: AsyncSession, ids: Collection[int]) -> list
     """Return the notifications among `ids` that still exist, in id order."""
     statement = select(NotificationRow).where(NotificationRow.id.in_(ids)).order_by(NotificationRow.id)
     return [notification_from_row(row) for row in (await session.execute(statement)).scalars()]
+
+
+async def remove_user_notifications(session: AsyncSession, uid: str) -> int:
+    """Delete every notification of a user and return how many there were."""
+    result = await session.execute(delete(NotificationRow).where(NotificationRow.uid == uid))
+    return result.rowcount

@@ -5,6 +5,8 @@ The databases are shared by the tests of a session, so each test uses its own ui
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
+
 import asyncio
 import secrets
 from collections.abc import AsyncIterator
@@ -18,6 +20,7 @@ from app.notifications.events import (
     WELCOME_CONSUMER_NAME,
     WELCOME_TITLE,
     NotificationHub,
+    user_deleted_consumer,
     welcome_consumer,
 )
 from app.notifications.model import Notification, NotificationRow
@@ -362,3 +365,21 @@ async def test_welcome_consumer_sends_once(database: Database) -> None:
     assert processed == 1
     assert rows == 1
     assert subscription.queue.get_nowait() == stored[0]
+
+
+async def test_user_deleted_removes_only_that_users_notifications(database: Database) -> None:
+    deleted_uid, other_uid = new_uid(), new_uid()
+    async with database.unit_of_work() as session:
+        for uid in (deleted_uid, deleted_uid, other_uid):
+            await store.add_notification(session, uid, "title", "body", datetime.now(UTC))
+        await record_event(session, events_pb2.UserDeleted(uid=deleted_uid))
+    relay = EventRelay(database, [user_deleted_consumer()])
+
+    await relay.run_once()
+    await relay.run_once()
+
+    async with database.unit_of_work() as session:
+        left_deleted = await session.scalar(select(func.count()).where(NotificationRow.uid == deleted_uid))
+        left_other = await session.scalar(select(func.count()).where(NotificationRow.uid == other_uid))
+    assert left_deleted == 0
+    assert left_other == 1
