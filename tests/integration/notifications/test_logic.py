@@ -5,11 +5,10 @@ The databases are shared by the tests of a session, so each test uses its own ui
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
-
 import asyncio
 import secrets
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime
 
 import pytest
 from functions.events.v1 import events_pb2
