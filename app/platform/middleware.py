@@ -293,9 +293,14 @@ class AuthMiddleware:
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] == "http" and scope["method"] != "OPTIONS":
-            authorization = header(scope, b"authorization")
-            if authorization:
-                await self._authenticate(authorization)
+            values = [value for key, value in scope.get("headers", ()) if key == b"authorization"]
+            if len(values) > 1:
+                # Proxies disagree on which of several values counts, so none of them does.
+                auth_error_var.set(
+                    Unauthenticated("send one Authorization header: got several", reason="MALFORMED_AUTHORIZATION")
+                )
+            elif values:
+                await self._authenticate(values[0].decode("latin-1"))
         await self.app(scope, receive, send)
 
     async def _authenticate(self, authorization: str) -> None:

@@ -296,3 +296,17 @@ def test_error_details_carry_request_id(server) -> None:
     assert reply.status_code == 401
     assert info.metadata["request_id"] == "trace-me-12345"
     assert info.reason == "MISSING_TOKEN"
+
+
+def test_two_authorization_headers_are_rejected(server, tokens) -> None:
+    token = tokens.mint("two-headers")
+    reply = raw_request(
+        server,
+        b"POST /functions.user.v1.UserService/GetMe HTTP/1.1\r\nhost: x\r\nconnection: close\r\n"
+        b"content-type: application/json\r\n"
+        b"authorization: Bearer " + token.encode() + b"\r\n"
+        b"authorization: Bearer " + token.encode() + b"\r\ncontent-length: 2\r\n\r\n{}",
+    )
+
+    assert b" 401 " in reply.split(b"\r\n", 1)[0]
+    assert b"send one Authorization header" in reply
