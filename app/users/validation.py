@@ -54,9 +54,19 @@ def known_time_zones() -> frozenset[str]:
     return frozenset(zoneinfo.available_timezones() - _NOT_TIME_ZONES)
 
 
+# Bidirectional embedding, override and isolate controls: they can make a name display as
+# another one ("evil" shown as "live"), so names must not carry them.
+_BIDI_CONTROLS = frozenset("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+
+
 def check_display_name(value: str) -> str | None:
     if len(value) > DISPLAY_NAME_MAX_LENGTH:
         return f"must be at most {DISPLAY_NAME_MAX_LENGTH} characters: got {len(value)}"
+    for index, character in enumerate(value):
+        if character in _BIDI_CONTROLS:
+            return f"must not contain bidirectional control characters: got U+{ord(character):04X} at index {index}"
+    if value and all(unicodedata.category(character) in ("Cf", "Zs") for character in value):
+        return "must contain a visible character: got only spaces and invisible characters"
     return _check_no_control_characters(value, allowed=frozenset())
 
 
@@ -78,6 +88,8 @@ def check_photo_url(value: str) -> str | None:
         return f"must be an https URL: got scheme {shown(parts.scheme)}"
     if not hostname:
         return f"must be an https URL with a host: got {shown(value)}"
+    if parts.username is not None or parts.password is not None:
+        return "must be an https URL without a user name or password"
     return None
 
 

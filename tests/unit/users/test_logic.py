@@ -368,3 +368,28 @@ async def test_handler_without_principal_is_unauthenticated(database: Database) 
 
     with pytest.raises(Unauthenticated):
         await handler.get_me(user_pb2.GetMeRequest(), None)
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "problem"),
+    [
+        ("display_name", "admin\u202eevil", "bidirectional control"),
+        ("display_name", "\u200b\u200b", "visible character"),
+        ("display_name", "   ", "visible character"),
+        ("photo_url", "https://user:pw@169.254.169.254/x.png", "user name or password"),
+    ],
+)
+def test_deceptive_profile_values_are_invalid(field: str, value: str, problem: str) -> None:
+    from app.users.validation import check_profile_changes
+
+    violations = check_profile_changes({field: value})
+
+    assert [v.field for v in violations] == [f"user.{field}"]
+    assert problem in violations[0].description
+
+
+@pytest.mark.parametrize("name", ["Zoë", "李小龙", "Family 👨\u200d👩\u200d👧", "Ada Lovelace"])
+def test_ordinary_display_names_are_valid(name: str) -> None:
+    from app.users.validation import check_profile_changes
+
+    assert check_profile_changes({"display_name": name}) == []
