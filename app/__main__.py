@@ -55,14 +55,18 @@ def worker(settings: Settings, args: argparse.Namespace) -> None:
 
     from app.main import build_consumers
     from app.platform.db import Database
-    from app.platform.events import EventRelay
     from app.platform.logs import configure_logging
+    from app.platform.pgmq_engine import check_events_engine, create_relay
 
+    try:
+        check_events_engine(settings)
+    except ValueError as error:
+        raise SystemExit(f"invalid settings: {error}") from None
     configure_logging(settings)
 
     async def run() -> None:
         database = Database.from_settings(settings)
-        relay = EventRelay(database, build_consumers(settings))
+        relay = create_relay(settings, database, build_consumers(settings))
         stopping = asyncio.Event()
         loop = asyncio.get_running_loop()
         for signal_number in (signal.SIGTERM, signal.SIGINT):

@@ -14,11 +14,12 @@ from starlette.routing import Mount, Route
 from app.platform.auth import CertificateSource, FirebaseTokenVerifier, ensure_dev_keys
 from app.platform.codecs import server_codecs
 from app.platform.db import Database
-from app.platform.events import Consumer, EventRelay
+from app.platform.events import Consumer
 from app.platform.firebase import FirebaseAdmin
 from app.platform.health import HealthASGIApplication, HealthService, healthz, readyz_endpoint
 from app.platform.interceptors import service_interceptors
 from app.platform.logs import configure_logging
+from app.platform.pgmq_engine import create_relay
 from app.platform.middleware import (
     AuthMiddleware,
     CORSMiddleware,
@@ -152,8 +153,8 @@ def create_app(settings: Settings | None = None) -> Starlette:
     configure_logging(settings)
     database = Database.from_settings(settings)
     configure_observability(settings, database)
-    # In-process engine: this process relays the events its own transactions recorded.
-    relay = EventRelay(database, build_consumers(settings))
+    # EVENTS_ENGINE picks the relay: in-process by default, or pgmq queues shared by many processes.
+    relay = create_relay(settings, database, build_consumers(settings))
     firebase = FirebaseAdmin.from_settings(settings)
     verifier, certificates = build_verifier(settings, firebase)
 

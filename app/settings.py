@@ -72,6 +72,10 @@ class Settings(BaseSettings):
     # Run the event relay inside each web process (the embedded default). Set false when a
     # separate `python -m app worker` process relays the events instead.
     events_relay_in_web: bool = True
+    # How events reach consumers: "inprocess" relays from the outbox inside each process, and
+    # "pgmq" sends them through one pgmq queue per consumer so several workers share them.
+    # pgmq needs PostgreSQL with the pgmq extension or SQL installed.
+    events_engine: Literal["inprocess", "pgmq"] = "inprocess"
 
     # OTLP/HTTP endpoint for traces, e.g. http://collector:4318; empty exports nothing.
     otel_exporter_otlp_endpoint: str = ""
