@@ -134,7 +134,7 @@ def platform_middleware(settings: Settings, verifier: FirebaseTokenVerifier) -> 
     middleware = [
         Middleware(RequestContextMiddleware),
         Middleware(ObservabilityMiddleware, settings=settings),
-        # Preflights are answered before the overload guard, auth and rate limits.
+        # CORS replies to preflights before the overload guard, auth and rate limits see them.
         Middleware(CORSMiddleware, allowed_origins=settings.cors_allowed_origins),
         Middleware(OverloadGuardMiddleware, settings=settings),
         Middleware(GrpcWebTextMiddleware),

@@ -1,6 +1,6 @@
 """Throwaway databases for tests: a SQLite file, or a fresh Postgres database per session.
 
-Postgres runs only when TEST_POSTGRES_URL names a server (CI sets it); each session creates
+Postgres runs only when TEST_POSTGRES_URL names a server, as CI sets it. Each session creates
 its own uniquely named database there and drops it at the end, so parallel runs never meet.
 """
 

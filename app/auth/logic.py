@@ -18,7 +18,7 @@ MAX_ROLES = 20
 ROLE_PATTERN = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
 MAX_UID_CHARS = 128
 ADMIN_ROLE = "admin"
-# The longest part of a request value that is repeated in an error message.
+# Maximum length of a request value quoted in an error message.
 MAX_SHOWN_CHARS = 40
 
 # Claims that the JWT standard or Firebase define, so they are not the project's custom claims.

@@ -127,7 +127,7 @@ async def start_fanout(database: Database, hub: NotificationHub) -> Notification
     """Start feeding `hub` from every instance's notifications on Postgres; return None where it does not apply.
 
     SQLite needs no fan-out. Behind a transaction-mode pooler LISTEN does not work, so the hub
-    receives only this instance's notifications and a WARNING says so.
+    receives only this instance's notifications, and a WARNING is logged.
     """
     if database.engine.dialect.name != "postgresql":
         return None

@@ -116,7 +116,7 @@ async def mark_read(
     """Mark the listed notifications of `uid` read, or all of them; return how many were unread.
 
     An id that is not a notification of `uid` fails the call with NotFound and marks nothing. The
-    message is the same whether the id belongs to another user or to nobody.
+    message is the same whether the id belongs to another user or to no notification at all.
     """
     if mark_all and ids:
         raise InvalidInput(FieldViolation("ids", f"must be empty when all is true: got {len(ids)} ids"))

@@ -35,7 +35,7 @@ principal_var: ContextVar[Principal | None] = ContextVar("principal", default=No
 # The trace id of the current request, for log lines written after its span ended.
 trace_id_var: ContextVar[str | None] = ContextVar("trace_id", default=None)
 # Why authentication failed, when it did: the policy interceptor reports it only
-# for methods that need a signed-in caller, so public methods still answer.
+# for methods that need a signed-in caller, so public methods still reply.
 auth_error_var: ContextVar[Exception | None] = ContextVar("auth_error", default=None)
 
 

@@ -1,7 +1,7 @@
 """The standard gRPC health service (grpc.health.v1.Health) and the HTTP probes.
 
-grpcio-health-checking ships the google.protobuf messages; this module serves them through
-connectrpc so gRPC, gRPC-Web and Connect clients all reach the same answers.
+grpcio-health-checking ships the google.protobuf messages. This module serves them through
+connectrpc, so gRPC, gRPC-Web and Connect clients all get the same replies.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ WATCH_INTERVAL_SECONDS = 15.0
 
 
 class HealthService:
-    """Report SERVING for the whole server ("") and each mounted service while the database answers."""
+    """Report SERVING for the whole server ("") and each mounted service while the database responds."""
 
     def __init__(self, service_names: Iterable[str], is_ready: Callable[[], asyncio.Future | object]) -> None:
         self.service_names = ["", *service_names]
@@ -124,12 +124,12 @@ class HealthASGIApplication(ConnectASGIApplication[HealthService]):
 
 
 async def healthz(request: Request) -> JSONResponse:
-    """Answer as long as the process serves requests; never touches a dependency."""
+    """Reply 200 while the process serves requests, without calling any dependency."""
     return JSONResponse({"status": "ok"})
 
 
 def readyz_endpoint(is_ready: Callable[[], object]):
-    """Build the readiness probe: 200 while the database answers, 503 otherwise."""
+    """Build the readiness probe: 200 while the database responds, 503 otherwise."""
 
     async def readyz(request: Request) -> JSONResponse:
         if await is_ready():

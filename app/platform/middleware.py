@@ -24,7 +24,7 @@ access_log = logging.getLogger("app.access")
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{8,128}$")
 _QUIET_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
-# Where ObservabilityMiddleware leaves the code of an RPC's reply ("ok", "not_found") in the scope.
+# Scope key of the RPC reply's code ("ok", "not_found"), set by ObservabilityMiddleware.
 RPC_CODE_SCOPE_KEY = "functions.rpc_code"
 
 
@@ -283,8 +283,8 @@ def _decode_base64_segments(data: bytes) -> bytes:
 class AuthMiddleware:
     """Verify the Bearer token of each request and put the principal in a contextvar.
 
-    This layer never rejects a call: the authorization interceptor does, once it
-    knows the method's policy, so public methods answer with or without a token.
+    This layer never rejects a call. The authorization interceptor does, once it has
+    the method's policy, so public methods reply with or without a token.
     """
 
     def __init__(self, app, verifier) -> None:

@@ -1,8 +1,9 @@
 """Protocol detection and error replies for code that runs before connectrpc receives a request.
 
 Middleware that rejects a call (CORS, body limits, rate limits, unknown paths) must reply in
-the caller's protocol: Connect gets a JSON error body with the HTTP status of its code, gRPC
-and gRPC-Web get HTTP 200 with `grpc-status` and `grpc-message` (a trailers-only reply).
+the caller's protocol. Connect gets a JSON error body with the HTTP status of its code. gRPC-Web
+gets HTTP 200 with `grpc-status` and `grpc-message` in the headers, and native gRPC gets them in
+trailers.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """A real server on a loopback socket per database backend, and tokens it accepts.
 
-Tokens are Firebase-shaped RS256 tokens signed with a key generated here; the server fetches
+Tokens are Firebase-shaped RS256 tokens signed with a key generated here. The server fetches
 the matching certificate from a loopback HTTP server, as it fetches Google's in production.
 """
 

@@ -1,7 +1,7 @@
 """A locustfile for the over-limit test: greedy callers beside ordinary ones.
 
 Greedy users make calls without pausing, from one uid each, so the server's rate limit throttles
-them; a throttled reply (resource_exhausted) is what they expect and counts as a success under
+them. A throttled reply (resource_exhausted) is what they expect, so it counts as a success under
 the name "throttled". Any other error counts as a failure. The ordinary users of
 loadtests/locustfile.py run beside them, unchanged, and must see no failure at all.
 """

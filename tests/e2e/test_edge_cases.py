@@ -178,7 +178,7 @@ def test_connect_and_grpc_web_share_port_with_grpc(server, tokens) -> None:
 
 @pytest.fixture
 def outage_server(tmp_path, signing_key):
-    """A server whose certificate endpoint answers only after 5 s, past its 1 s timeout."""
+    """A server whose certificate endpoint replies only after 5 s, past its 1 s timeout."""
     with CertificateServer(certs_document({KEY_ID: signing_key}), max_age=3600) as certificates:
         certificates.delay_seconds = 5.0
         env = server_env(

@@ -153,7 +153,7 @@ def test_unexpected_error_is_internal_over_grpc(stack_address, tokens) -> None:
     assert "request id" in raised.value.details()
 
 
-def test_access_log_carries_uid_set_by_inner_auth_layer(stack_address, tokens, caplog) -> None:
+def test_access_log_carries_uid(stack_address, tokens, caplog) -> None:
     caplog.set_level(logging.INFO, logger="app.access")
 
     response = httpx.post(

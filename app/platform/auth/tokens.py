@@ -111,8 +111,8 @@ class FirebaseTokenVerifier:
             emulator: accept tokens of the Firebase Auth emulator, which are unsigned.
             cache_size: how many verified tokens to keep; 0 turns the cache off.
             revocation_checker: called with the principal of each token that is not in the cache,
-                and again for a cached token once its last check is revocation_recheck_seconds old;
-                it raises TokenRejected (TOKEN_REVOKED, USER_DISABLED) to reject it. A revocation
+                and again for a cached token once its last check is revocation_recheck_seconds old.
+                It raises TokenRejected (TOKEN_REVOKED, USER_DISABLED) to reject it. A revocation
                 made through this process takes effect at once (see forget_user); one made
                 elsewhere, within revocation_recheck_seconds.
         """
@@ -135,7 +135,7 @@ class FirebaseTokenVerifier:
         self._revocation_checker = revocation_checker
         self._revocation_recheck_seconds = revocation_recheck_seconds
         # Keyed by the SHA-256 digest of the token, so the cache contains no usable token. Each
-        # entry holds the principal, the token's exp and when its revocation was last checked.
+        # entry contains the principal, the token's exp and when its revocation was last checked.
         self._cache: OrderedDict[bytes, tuple[Principal, float, float]] = OrderedDict()
 
     async def verify(self, token: str) -> Principal:

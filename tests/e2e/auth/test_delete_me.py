@@ -31,7 +31,7 @@ def users_server(auth_emulator, database_path, tmp_path_factory) -> Iterator[Run
 
 @pytest.fixture(scope="module")
 def unchecked_users_server(auth_emulator, database_path, tmp_path_factory) -> Iterator[RunningServer]:
-    """A server with both services that never asks Firebase about revoked tokens."""
+    """A server with both services that never checks with Firebase for revoked tokens."""
     env = server_env(auth_emulator.host, database_path, ENABLED_SERVICES="auth,users", AUTH_CHECK_REVOKED="false")
     with run_server(env, tmp_path_factory.mktemp("unchecked-users-server") / "server.log") as server:
         yield server

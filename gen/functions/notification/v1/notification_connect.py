@@ -70,9 +70,9 @@ class NotificationService(Protocol):
 
     def subscribe(self, request: SubscribeRequest, ctx: RequestContext[SubscribeRequest, SubscribeResponse], /) -> AsyncIterator[SubscribeResponse]:
         """
-        Streams the caller's notifications: first the stored ones with an id
-        above `after_id` in id order, then a heartbeat that marks the end of that
-        replay, then new ones as they are created, with another heartbeat
+        Streams the caller's notifications. First come the stored ones with an id
+        above `after_id`, in id order, and a heartbeat that marks the end of that
+        replay. Then new ones follow as they are created, with another heartbeat
         whenever the stream has been idle for 15 seconds. To resume without
         losses or repeats, reconnect with the largest id received.
 
@@ -300,9 +300,9 @@ class NotificationServiceClient(ConnectClient):
         timeout_ms: int | None = None,
     ) -> AsyncIterator[SubscribeResponse]:
         """
-        Streams the caller's notifications: first the stored ones with an id
-        above `after_id` in id order, then a heartbeat that marks the end of that
-        replay, then new ones as they are created, with another heartbeat
+        Streams the caller's notifications. First come the stored ones with an id
+        above `after_id`, in id order, and a heartbeat that marks the end of that
+        replay. Then new ones follow as they are created, with another heartbeat
         whenever the stream has been idle for 15 seconds. To resume without
         losses or repeats, reconnect with the largest id received.
 
@@ -358,9 +358,9 @@ class NotificationServiceSync(Protocol):
 
     def subscribe(self, request: SubscribeRequest, ctx: RequestContext[SubscribeRequest, SubscribeResponse], /) -> Iterator[SubscribeResponse]:
         """
-        Streams the caller's notifications: first the stored ones with an id
-        above `after_id` in id order, then a heartbeat that marks the end of that
-        replay, then new ones as they are created, with another heartbeat
+        Streams the caller's notifications. First come the stored ones with an id
+        above `after_id`, in id order, and a heartbeat that marks the end of that
+        replay. Then new ones follow as they are created, with another heartbeat
         whenever the stream has been idle for 15 seconds. To resume without
         losses or repeats, reconnect with the largest id received.
 
@@ -586,9 +586,9 @@ class NotificationServiceClientSync(ConnectClientSync):
         timeout_ms: int | None = None,
     ) -> Iterator[SubscribeResponse]:
         """
-        Streams the caller's notifications: first the stored ones with an id
-        above `after_id` in id order, then a heartbeat that marks the end of that
-        replay, then new ones as they are created, with another heartbeat
+        Streams the caller's notifications. First come the stored ones with an id
+        above `after_id`, in id order, and a heartbeat that marks the end of that
+        replay. Then new ones follow as they are created, with another heartbeat
         whenever the stream has been idle for 15 seconds. To resume without
         losses or repeats, reconnect with the largest id received.
 
