@@ -10,7 +10,7 @@ from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 GOOGLE_CERTS_URL = "https://www.googleapis.com/robot/v1/metadata/x509/securetoken@system.gserviceaccount.com"
-ALL_SERVICES = ("auth", "users", "notifications")
+ALL_SERVICES = ("auth", "users", "notifications", "files")
 DEV_PROJECT_ID = "functions-dev"
 
 
@@ -77,6 +77,32 @@ class Settings(BaseSettings):
     # pgmq needs PostgreSQL with the pgmq extension or SQL installed.
     events_engine: Literal["inprocess", "pgmq"] = "inprocess"
 
+    # Where file bytes live: "local" keeps them under storage_local_dir and the app serves its own
+    # signed URLs; "supabase" keeps them in a Supabase Storage bucket.
+    storage_backend: Literal["local", "supabase"] = "local"
+    storage_local_dir: Path = Path("var/files")
+    # HMAC key of the local adapter's signed URLs. Empty means a random key kept in
+    # storage_local_dir, which is fine for one instance; set it when several instances serve files.
+    storage_signing_key: str = ""
+    # Scheme, host and port that clients reach this service at, for the local adapter's signed
+    # URLs. Empty means http://HOST:PORT.
+    public_base_url: str = ""
+    # Supabase project URL (https://<ref>.supabase.co), its service role key and the bucket.
+    supabase_url: str = ""
+    supabase_service_key: str = ""
+    supabase_storage_bucket: str = "files"
+    # Largest file accepted, and the bytes and number of files one user may keep.
+    files_max_bytes: int = Field(default=10 * 1024 * 1024, ge=1)
+    files_quota_bytes: int = Field(default=100 * 1024 * 1024, ge=1)
+    files_quota_count: int = Field(default=1000, ge=1)
+    # Content types accepted, as sniffed from the bytes; the declared type must agree.
+    files_allowed_types: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: ["image/png", "image/jpeg", "image/gif", "image/webp", "application/pdf", "text/plain"]
+    )
+    # How long signed upload and download URLs stay valid. Uploads not completed by then are removed.
+    files_upload_url_ttl_seconds: int = Field(default=900, ge=10, le=7 * 24 * 3600)
+    files_download_url_ttl_seconds: int = Field(default=300, ge=10, le=7 * 24 * 3600)
+
     # OTLP/HTTP endpoint for traces, e.g. http://collector:4318; empty exports nothing.
     otel_exporter_otlp_endpoint: str = ""
     otel_service_name: str = "functions"
@@ -93,7 +119,7 @@ class Settings(BaseSettings):
     @classmethod
     def _split_lists(cls, data: object) -> object:
         if isinstance(data, dict):
-            for key in ("enabled_services", "cors_allowed_origins"):
+            for key in ("enabled_services", "cors_allowed_origins", "files_allowed_types"):
                 for name in (key, key.upper()):
                     if name in data:
                         data[name] = _split_list(data[name])
@@ -106,6 +132,8 @@ class Settings(BaseSettings):
         unknown = sorted(set(self.enabled_services) - set(ALL_SERVICES))
         if unknown:
             raise ValueError(f"ENABLED_SERVICES has unknown services {unknown}: known are {list(ALL_SERVICES)}")
+        if self.storage_backend == "supabase" and not (self.supabase_url and self.supabase_service_key):
+            raise ValueError("SUPABASE_URL and SUPABASE_SERVICE_KEY must be set when STORAGE_BACKEND=supabase")
         if self.app_env == "production":
             if self.firebase_auth_emulator_host:
                 raise ValueError("FIREBASE_AUTH_EMULATOR_HOST must be empty when APP_ENV=production: emulator tokens are unsigned")
@@ -113,6 +141,8 @@ class Settings(BaseSettings):
                 raise ValueError(
                     f"FIREBASE_PROJECT_ID must name your Firebase project when APP_ENV=production: got the development default {DEV_PROJECT_ID!r}"
                 )
+            if self.storage_backend == "local" and not self.storage_signing_key:
+                raise ValueError("STORAGE_SIGNING_KEY must be set when APP_ENV=production and STORAGE_BACKEND=local: every instance must sign URLs with the same key")
             if self.firebase_certs_url != GOOGLE_CERTS_URL:
                 raise ValueError(f"FIREBASE_CERTS_URL must be {GOOGLE_CERTS_URL} when APP_ENV=production: got {self.firebase_certs_url!r}")
         return self
@@ -126,6 +156,11 @@ class Settings(BaseSettings):
     def effective_certs_url(self) -> str:
         """Return the certificate source in use: the setting, else the development key pair."""
         return self.firebase_certs_url or self.dev_certs_url
+
+    @property
+    def effective_public_base_url(self) -> str:
+        """Return the base URL of the local adapter's signed URLs: the setting, else http://HOST:PORT."""
+        return (self.public_base_url or f"http://{self.host}:{self.port}").rstrip("/")
 
     @property
     def uses_dev_keys(self) -> bool:

@@ -16,7 +16,10 @@ EMULATOR_MESSAGE = "FIREBASE_AUTH_EMULATOR_HOST must be empty when APP_ENV=produ
 
 
 def production_env(**extra: str) -> dict[str, str]:
-    return {"APP_ENV": "production", "FIREBASE_CERTS_URL": GOOGLE_CERTS_URL, "FIREBASE_PROJECT_ID": "acme-prod", **extra}
+    return {
+        "APP_ENV": "production", "FIREBASE_CERTS_URL": GOOGLE_CERTS_URL, "FIREBASE_PROJECT_ID": "acme-prod",
+        "STORAGE_SIGNING_KEY": "a-production-signing-key", **extra,
+    }
 
 
 def test_production_rejects_emulator_host():
@@ -51,10 +54,15 @@ def test_production_without_emulator_is_accepted(monkeypatch):
         ({"firebase_certs_url": ""}, "FIREBASE_CERTS_URL must be"),
         ({"firebase_certs_url": "http://127.0.0.1:9/certs"}, "FIREBASE_CERTS_URL must be"),
         ({"firebase_project_id": "functions-dev"}, "FIREBASE_PROJECT_ID must name your Firebase project"),
+        ({"storage_signing_key": ""}, "STORAGE_SIGNING_KEY must be set"),
+        ({"storage_backend": "supabase"}, "SUPABASE_URL and SUPABASE_SERVICE_KEY must be set"),
     ],
 )
 def test_production_rejects_development_defaults(overrides, message):
-    values = {"app_env": "production", "firebase_certs_url": GOOGLE_CERTS_URL, "firebase_project_id": "acme-prod"}
+    values = {
+        "app_env": "production", "firebase_certs_url": GOOGLE_CERTS_URL, "firebase_project_id": "acme-prod",
+        "storage_signing_key": "a-production-signing-key",
+    }
 
     with pytest.raises(ValidationError, match=message):
         Settings(**{**values, **overrides})

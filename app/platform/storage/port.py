@@ -1,0 +1,84 @@
+"""The storage port: what the files domain needs from a place that keeps bytes.
+
+Keys are chosen by the server (`<uid>/<file id>` and derived keys below it), never by users.
+Adapters raise the StorageError subclasses below and nothing else, so the files domain can map
+every storage failure to a Connect code; an adapter's own exceptions never reach a caller.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+
+@dataclass(frozen=True, slots=True)
+class ObjectInfo:
+    """What the store knows of one object."""
+
+    key: str
+    size: int
+    content_type: str
+
+
+class StorageError(Exception):
+    """Base of every failure an adapter reports. The message is for logs, not for callers."""
+
+
+class ObjectNotFound(StorageError):
+    """No object has the key."""
+
+
+class ObjectAlreadyExists(StorageError):
+    """An object has the key and the call does not replace objects."""
+
+
+class ObjectRejected(StorageError):
+    """The store refused the object, for its type or its size."""
+
+
+class StorageUnavailable(StorageError):
+    """The store did not answer, answered too late, or failed in a way a retry may fix."""
+
+
+class ObjectStorage(Protocol):
+    """A place that keeps objects under keys and hands out expiring URLs to them."""
+
+    async def put(self, key: str, data: bytes, *, content_type: str) -> ObjectInfo:
+        """Store `data` under `key`, replacing any object there."""
+        ...
+
+    async def get(self, key: str) -> bytes:
+        """Return the bytes of the object, or raise ObjectNotFound."""
+        ...
+
+    async def info(self, key: str) -> ObjectInfo:
+        """Return the size and content type of the object, or raise ObjectNotFound."""
+        ...
+
+    async def delete(self, keys: Sequence[str]) -> None:
+        """Remove the objects; keys with no object are ignored."""
+        ...
+
+    async def list_keys(self, prefix: str) -> list[str]:
+        """Return every key that starts with `prefix` followed by "/"."""
+        ...
+
+    async def signed_download_url(
+        self, key: str, *, expires_in_seconds: int, file_name: str, inline: bool
+    ) -> str:
+        """Return a URL that serves the object without credentials until it expires.
+
+        The reply names `file_name` in Content-Disposition, inline or as an attachment.
+        """
+        ...
+
+    async def signed_upload_url(
+        self, key: str, *, expires_in_seconds: int, content_type: str, max_bytes: int
+    ) -> str:
+        """Return a URL that takes one PUT of the object's bytes until it expires."""
+        ...
+
+    async def aclose(self) -> None:
+        """Release connections and files the adapter holds."""
+        ...
