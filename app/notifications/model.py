@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import BigInteger, Index, Integer, String
+from sqlalchemy import BigInteger, Index, Integer, PrimaryKeyConstraint, String
 from sqlalchemy.orm import Mapped, mapped_column
 
 from app.platform.db import Base, UtcDateTime
@@ -13,6 +13,7 @@ from app.platform.db import Base, UtcDateTime
 UID_MAX_LENGTH = 128
 TITLE_MAX_LENGTH = 200
 BODY_MAX_LENGTH = 2000
+TOPIC_MAX_LENGTH = 64
 
 
 class NotificationRow(Base):
@@ -29,6 +30,22 @@ class NotificationRow(Base):
     body: Mapped[str] = mapped_column(String(BODY_MAX_LENGTH))
     create_time: Mapped[datetime] = mapped_column(UtcDateTime)
     read_time: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True)
+    topic: Mapped[str | None] = mapped_column(String(TOPIC_MAX_LENGTH), nullable=True)
+
+
+class TopicFollowerRow(Base):
+    """One row of `notification_topic_followers`: one user following one topic."""
+
+    __tablename__ = "notification_topic_followers"
+    # Sends read a topic's followers; ListFollowedTopics and deletions read a user's topics.
+    __table_args__ = (
+        PrimaryKeyConstraint("topic", "uid", name="pk_notification_topic_followers"),
+        Index("ix_notification_topic_followers_uid", "uid"),
+    )
+
+    topic: Mapped[str] = mapped_column(String(TOPIC_MAX_LENGTH))
+    uid: Mapped[str] = mapped_column(String(UID_MAX_LENGTH))
+    create_time: Mapped[datetime] = mapped_column(UtcDateTime)
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,6 +58,8 @@ class Notification:
     body: str
     create_time: datetime
     read_time: datetime | None = None
+    # The topic it was sent to; None when it was sent to the user alone.
+    topic: str | None = None
 
     @property
     def is_read(self) -> bool:
@@ -50,5 +69,6 @@ class Notification:
 def notification_from_row(row: NotificationRow) -> Notification:
     """Build the domain notification of a table row."""
     return Notification(
-        id=row.id, uid=row.uid, title=row.title, body=row.body, create_time=row.create_time, read_time=row.read_time
+        id=row.id, uid=row.uid, title=row.title, body=row.body, create_time=row.create_time, read_time=row.read_time,
+        topic=row.topic,
     )
