@@ -16,7 +16,7 @@ import asyncio
 import contextlib
 import logging
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import cast
 
 from functions.events.v1 import events_pb2
@@ -142,17 +142,21 @@ class NotificationHub:
 process_hub = NotificationHub()
 
 
-async def publish_on_commit(session: AsyncSession, hub: NotificationHub, notification: Notification) -> None:
-    """Deliver `notification` to subscribers once the session's transaction commits; drop it on rollback.
+async def publish_on_commit(session: AsyncSession, hub: NotificationHub, notifications: Sequence[Notification]) -> None:
+    """Deliver `notifications` to subscribers once the session's transaction commits; drop them on rollback.
 
-    On Postgres the transaction sends a NOTIFY for every instance's fan-out. Unless a fan-out
-    feeds `hub`, the after_commit hook also publishes to `hub` directly.
+    On Postgres the transaction sends a NOTIFY per notification for every instance's fan-out, all
+    in one statement. Unless a fan-out feeds `hub`, the after_commit hook also publishes to `hub`
+    directly.
     """
+    if not notifications:
+        return
     if session.get_bind().dialect.name == "postgresql":
-        await notify(session, NOTIFY_CHANNEL, f"{notification.uid}:{notification.id}")
+        await notify(session, NOTIFY_CHANNEL, [f"{notification.uid}:{notification.id}" for notification in notifications])
         if hub.delivered_by_notify:
             return
-    _publish_after_commit(session, hub, notification)
+    for notification in notifications:
+        _publish_after_commit(session, hub, notification)
 
 
 def _publish_after_commit(session: AsyncSession, hub: NotificationHub, notification: Notification) -> None:

@@ -15,7 +15,7 @@ from app.notifications.events import NotificationHub
 from app.notifications.model import Notification
 from app.platform.context import Principal, current_principal
 from app.platform.db import Database
-from app.platform.errors import Unauthenticated
+from app.platform.errors import FieldViolation, InvalidInput, Unauthenticated
 
 
 class NotificationHandler:
@@ -35,10 +35,48 @@ class NotificationHandler:
         self._heartbeat_interval_seconds = heartbeat_interval_seconds
 
     async def send(self, request: notification_pb2.SendRequest, ctx: RequestContext, /) -> notification_pb2.SendResponse:
+        if request.uid and request.topic:
+            raise InvalidInput(FieldViolation("topic", "must be empty when uid is set: send to one user or to one topic"))
+        if not request.uid and not request.topic:
+            raise InvalidInput(FieldViolation("uid", "must be set, or topic must be: got neither"))
+
         async with self._database.unit_of_work() as session:
+            if request.topic:
+                sent = await logic.send_to_topic(session, self._hub, request.topic, request.title, request.body)
+                return notification_pb2.SendResponse(recipient_count=len(sent))
             notification = await logic.send_notification(session, self._hub, request.uid, request.title, request.body)
 
-        return notification_pb2.SendResponse(notification=notification_to_proto(notification))
+        return notification_pb2.SendResponse(notification=notification_to_proto(notification), recipient_count=1)
+
+    async def follow_topic(
+        self, request: notification_pb2.FollowTopicRequest, ctx: RequestContext, /
+    ) -> notification_pb2.FollowTopicResponse:
+        uid = _signed_in_principal().uid
+
+        async with self._database.unit_of_work() as session:
+            await logic.follow_topic(session, uid, request.topic)
+
+        return notification_pb2.FollowTopicResponse()
+
+    async def unfollow_topic(
+        self, request: notification_pb2.UnfollowTopicRequest, ctx: RequestContext, /
+    ) -> notification_pb2.UnfollowTopicResponse:
+        uid = _signed_in_principal().uid
+
+        async with self._database.unit_of_work() as session:
+            await logic.unfollow_topic(session, uid, request.topic)
+
+        return notification_pb2.UnfollowTopicResponse()
+
+    async def list_followed_topics(
+        self, request: notification_pb2.ListFollowedTopicsRequest, ctx: RequestContext, /
+    ) -> notification_pb2.ListFollowedTopicsResponse:
+        uid = _signed_in_principal().uid
+
+        async with self._database.unit_of_work() as session:
+            topics = await logic.list_followed_topics(session, uid)
+
+        return notification_pb2.ListFollowedTopicsResponse(topics=topics)
 
     async def list_notifications(
         self, request: notification_pb2.ListNotificationsRequest, ctx: RequestContext, /
@@ -96,6 +134,7 @@ def notification_to_proto(notification: Notification) -> notification_pb2.Notifi
         title=notification.title,
         body=notification.body,
         create_time=_timestamp(notification.create_time),
+        topic=notification.topic or "",
     )
     if notification.read_time is not None:
         message.read_time.CopyFrom(_timestamp(notification.read_time))

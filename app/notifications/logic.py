@@ -12,6 +12,7 @@ import binascii
 import dataclasses
 import json
 import logging
+import re
 import unicodedata
 from collections.abc import AsyncIterator, Sequence
 from datetime import UTC, datetime
@@ -20,15 +21,17 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.notifications import store
 from app.notifications.events import NotificationHub, Subscription, publish_on_commit
-from app.notifications.model import BODY_MAX_LENGTH, TITLE_MAX_LENGTH, UID_MAX_LENGTH, Notification
+from app.notifications.model import BODY_MAX_LENGTH, TITLE_MAX_LENGTH, TOPIC_MAX_LENGTH, UID_MAX_LENGTH, Notification
 from app.platform.db import Database
-from app.platform.errors import FieldViolation, InvalidInput, NotFound, Unavailable
+from app.platform.errors import FieldViolation, InvalidInput, NotFound, ResourceExhausted, Unavailable
 
 log = logging.getLogger(__name__)
 
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 100
 MAX_MARK_READ_IDS = 100
+MAX_FOLLOWED_TOPICS = 100
+_TOPIC_PATTERN = re.compile(r"[a-z0-9][a-z0-9._-]*")
 # Version prefix of page tokens, so the token format can change without misreading old ones.
 PAGE_TOKEN_PREFIX = "v1."
 # Stored notifications a replay reads per unit of work, so no connection stays checked out while the stream sends.
@@ -62,11 +65,73 @@ async def send_notification(
     session: AsyncSession, hub: NotificationHub, uid: str, title: str, body: str, *, now: datetime | None = None
 ) -> Notification:
     """Store a notification for `uid` and deliver it to that user's subscriptions once the transaction commits."""
-    violations = []
+    violations = _check_content(title, body)
     if not 0 < len(uid) <= UID_MAX_LENGTH:
-        violations.append(FieldViolation("uid", f"must be 1 to {UID_MAX_LENGTH} characters: got {len(uid)}"))
+        violations.insert(0, FieldViolation("uid", f"must be 1 to {UID_MAX_LENGTH} characters: got {len(uid)}"))
     elif (problem := _check_controls(uid, allowed=frozenset())) is not None:
-        violations.append(FieldViolation("uid", problem))
+        violations.insert(0, FieldViolation("uid", problem))
+    if violations:
+        raise InvalidInput(violations)
+
+    notification = await store.add_notification(session, uid, title, body, now or datetime.now(UTC))
+
+    await publish_on_commit(session, hub, [notification])
+    log.info("notification created", extra={"uid": uid, "notification_id": notification.id})
+    return notification
+
+
+async def send_to_topic(
+    session: AsyncSession, hub: NotificationHub, topic: str, title: str, body: str, *, now: datetime | None = None
+) -> list[Notification]:
+    """Store a notification for every follower of `topic` and deliver them once the transaction commits.
+
+    A topic without followers is not an error: no notification is created.
+    """
+    violations = _check_content(title, body)
+    if (problem := _check_topic(topic)) is not None:
+        violations.insert(0, FieldViolation("topic", problem))
+    if violations:
+        raise InvalidInput(violations)
+
+    notifications = await store.add_topic_notifications(session, topic, title, body, now or datetime.now(UTC))
+
+    await publish_on_commit(session, hub, notifications)
+    log.info("topic notification created", extra={"topic": topic, "recipients": len(notifications)})
+    return notifications
+
+
+async def follow_topic(session: AsyncSession, uid: str, topic: str, *, now: datetime | None = None) -> None:
+    """Make `uid` a follower of `topic`; following it again changes nothing.
+
+    Raise ResourceExhausted when `uid` already follows MAX_FOLLOWED_TOPICS other topics.
+    """
+    if (problem := _check_topic(topic)) is not None:
+        raise InvalidInput(FieldViolation("topic", problem))
+    followed = await store.list_followed_topics(session, uid)
+    if topic in followed:
+        return
+    if len(followed) >= MAX_FOLLOWED_TOPICS:
+        raise ResourceExhausted(
+            f"a user may follow at most {MAX_FOLLOWED_TOPICS} topics and {uid} follows {len(followed)}: unfollow one first",
+            reason="TOO_MANY_TOPICS",
+        )
+    await store.follow_topic(session, uid, topic, now or datetime.now(UTC))
+
+
+async def unfollow_topic(session: AsyncSession, uid: str, topic: str) -> None:
+    """Stop `uid` following `topic`; not following it is not an error."""
+    if (problem := _check_topic(topic)) is not None:
+        raise InvalidInput(FieldViolation("topic", problem))
+    await store.unfollow_topic(session, uid, topic)
+
+
+async def list_followed_topics(session: AsyncSession, uid: str) -> list[str]:
+    """Return the topics `uid` follows, in name order."""
+    return await store.list_followed_topics(session, uid)
+
+
+def _check_content(title: str, body: str) -> list[FieldViolation]:
+    violations = []
     if not title.strip():
         violations.append(FieldViolation("title", "must not be empty"))
     elif len(title) > TITLE_MAX_LENGTH:
@@ -77,14 +142,17 @@ async def send_notification(
         violations.append(FieldViolation("body", f"must be at most {BODY_MAX_LENGTH} characters: got {len(body)}"))
     elif (problem := _check_controls(body, allowed=_BODY_ALLOWED_CONTROLS)) is not None:
         violations.append(FieldViolation("body", problem))
-    if violations:
-        raise InvalidInput(violations)
+    return violations
 
-    notification = await store.add_notification(session, uid, title, body, now or datetime.now(UTC))
 
-    await publish_on_commit(session, hub, notification)
-    log.info("notification created", extra={"uid": uid, "notification_id": notification.id})
-    return notification
+def _check_topic(topic: str) -> str | None:
+    if not topic:
+        return "must not be empty"
+    if len(topic) > TOPIC_MAX_LENGTH:
+        return f"must be at most {TOPIC_MAX_LENGTH} characters: got {len(topic)}"
+    if not _TOPIC_PATTERN.fullmatch(topic):
+        return f"must be lower-case letters, digits, '.', '_' and '-', starting with a letter or digit: got {topic[:TOPIC_MAX_LENGTH]!r}"
+    return None
 
 
 async def list_notifications(

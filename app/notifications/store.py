@@ -5,10 +5,11 @@ from __future__ import annotations
 from collections.abc import Collection
 from datetime import datetime
 
-from sqlalchemy import delete, func, insert, select, text, update
+from sqlalchemy import delete, func, insert, literal, select, text, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from app.notifications.model import Notification, NotificationRow, notification_from_row
+from app.platform.db import insert_ignoring_conflicts
+from app.notifications.model import Notification, NotificationRow, TopicFollowerRow, notification_from_row
 
 
 async def add_notification(session: AsyncSession, uid: str, title: str, body: str, create_time: datetime) -> Notification:
@@ -31,6 +32,56 @@ async def add_notification(session: AsyncSession, uid: str, title: str, body: st
     )
     notification_id = (await session.execute(statement)).scalar_one()
     return Notification(id=notification_id, uid=uid, title=title, body=body, create_time=create_time)
+
+
+async def add_topic_notifications(
+    session: AsyncSession, topic: str, title: str, body: str, create_time: datetime
+) -> list[Notification]:
+    """Insert a notification for every follower of `topic` and return them in id order.
+
+    On Postgres the followers' advisory locks (see `add_notification`) are taken first, in the
+    order of their lock keys, so that two topic sends sharing followers cannot deadlock.
+    """
+    if session.get_bind().dialect.name == "postgresql":
+        keys = select(func.hashtext(TopicFollowerRow.uid).label("key")).where(TopicFollowerRow.topic == topic).distinct()
+        keys_in_order = keys.order_by(text("key")).subquery()
+        await session.execute(select(func.count(func.pg_advisory_xact_lock(keys_in_order.c.key))))
+
+    rows = select(
+        TopicFollowerRow.uid,
+        literal(title, NotificationRow.title.type),
+        literal(body, NotificationRow.body.type),
+        literal(create_time, NotificationRow.create_time.type),
+        literal(topic, NotificationRow.topic.type),
+    ).where(TopicFollowerRow.topic == topic).order_by(TopicFollowerRow.uid)
+    statement = (
+        insert(NotificationRow)
+        .from_select(["uid", "title", "body", "create_time", "topic"], rows)
+        .returning(NotificationRow.id, NotificationRow.uid)
+    )
+    created = sorted((await session.execute(statement)).all())
+    return [
+        Notification(id=notification_id, uid=uid, title=title, body=body, create_time=create_time, topic=topic)
+        for notification_id, uid in created
+    ]
+
+
+async def follow_topic(session: AsyncSession, uid: str, topic: str, create_time: datetime) -> bool:
+    """Make `uid` a follower of `topic`; return False when it already was."""
+    statement = insert_ignoring_conflicts(session, TopicFollowerRow, {"topic": topic, "uid": uid, "create_time": create_time})
+    return (await session.execute(statement)).rowcount == 1
+
+
+async def unfollow_topic(session: AsyncSession, uid: str, topic: str) -> bool:
+    """Stop `uid` following `topic`; return False when it did not."""
+    statement = delete(TopicFollowerRow).where(TopicFollowerRow.uid == uid, TopicFollowerRow.topic == topic)
+    return (await session.execute(statement)).rowcount == 1
+
+
+async def list_followed_topics(session: AsyncSession, uid: str) -> list[str]:
+    """Return the topics `uid` follows, in name order."""
+    statement = select(TopicFollowerRow.topic).where(TopicFollowerRow.uid == uid).order_by(TopicFollowerRow.topic)
+    return list((await session.execute(statement)).scalars())
 
 
 async def list_notifications(
@@ -86,6 +137,7 @@ async def get_notifications(session: AsyncSession, ids: Collection[int]) -> list
 
 
 async def remove_user_notifications(session: AsyncSession, uid: str) -> int:
-    """Delete every notification of a user and return how many there were."""
+    """Delete every notification and topic subscription of a user; return how many notifications there were."""
+    await session.execute(delete(TopicFollowerRow).where(TopicFollowerRow.uid == uid))
     result = await session.execute(delete(NotificationRow).where(NotificationRow.uid == uid))
     return result.rowcount

@@ -21,7 +21,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import DateTime, MetaData, event, text
+from sqlalchemy import DateTime, Insert, MetaData, event, text
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import URL, Dialect, make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
@@ -361,3 +362,13 @@ def alembic_config(connection: Any = None) -> Any:
 def run_migrations(settings: Settings) -> None:
     """Run `migrate` from synchronous code such as the command line."""
     asyncio.run(migrate(settings))
+
+
+def insert_ignoring_conflicts(session: AsyncSession, table: type[Base], values: dict[str, object]) -> Insert:
+    """Build an INSERT of one row that does nothing when the row's key already exists."""
+    dialect = session.get_bind().dialect.name
+    if dialect == "postgresql":
+        return postgresql.insert(table).values(values).on_conflict_do_nothing()
+    if dialect == "sqlite":
+        return sqlite.insert(table).values(values).on_conflict_do_nothing()
+    raise NotImplementedError(f"supported databases are postgresql and sqlite: got dialect {dialect!r}")

@@ -25,13 +25,12 @@ from datetime import UTC, datetime
 from google.protobuf.message import Message
 from opentelemetry import propagate, trace
 from opentelemetry.trace import SpanKind
-from sqlalchemy import Index, Insert, Integer, LargeBinary, String, Text, delete, insert, select, update
-from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy import Index, Integer, LargeBinary, String, Text, delete, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Mapped, mapped_column
 
 from app.platform.context import current_principal, current_request_id, request_id_var
-from app.platform.db import Base, Database, UtcDateTime
+from app.platform.db import Base, Database, UtcDateTime, insert_ignoring_conflicts
 from app.platform.errors import FailedPrecondition, InvalidInput, FieldViolation, NotFound
 
 log = logging.getLogger(__name__)
@@ -474,7 +473,7 @@ def _check_consumers(consumers: Iterable[Consumer]) -> None:
 
 async def _insert_processed(session: AsyncSession, consumer_name: str, event_id: str) -> bool:
     values = {"consumer": consumer_name, "event_id": event_id, "processed_at": datetime.now(UTC)}
-    statement = _insert_ignoring_conflicts(session, ProcessedEventRow, values)
+    statement = insert_ignoring_conflicts(session, ProcessedEventRow, values)
     result = await session.execute(statement)
     return result.rowcount == 1
 
@@ -491,15 +490,6 @@ async def _upsert_dead_letter(session: AsyncSession, consumer_name: str, event_i
             consumer=consumer_name, event_id=event_id, error=error, attempts=attempts, created_at=datetime.now(UTC)
         )
     )
-
-
-def _insert_ignoring_conflicts(session: AsyncSession, table: type[Base], values: dict[str, object]) -> Insert:
-    dialect = session.get_bind().dialect.name
-    if dialect == "postgresql":
-        return postgresql.insert(table).values(values).on_conflict_do_nothing()
-    if dialect == "sqlite":
-        return sqlite.insert(table).values(values).on_conflict_do_nothing()
-    raise NotImplementedError(f"the event relay supports postgresql and sqlite: got dialect {dialect!r}")
 
 
 def _current_traceparent() -> str:

@@ -20,11 +20,11 @@ import asyncio
 import contextlib
 import logging
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import asyncpg
-from sqlalchemy import func, select
+from sqlalchemy import func, select, text
 from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -42,9 +42,18 @@ APPLICATION_NAME = "functions-listener"
 _CONNECTION_ERRORS = (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError)
 
 
-async def notify(session: AsyncSession, channel: str, payload: str) -> None:
-    """Send `payload` on `channel` when the session's transaction commits. A rollback discards it."""
-    await session.execute(select(func.pg_notify(channel, payload)))
+async def notify(session: AsyncSession, channel: str, payloads: Sequence[str]) -> None:
+    """Send each of `payloads` on `channel` when the session's transaction commits. A rollback discards them.
+
+    With several payloads, their order on the channel is not defined.
+    """
+    if len(payloads) == 1:
+        await session.execute(select(func.pg_notify(channel, payloads[0])))
+        return
+    await session.execute(
+        text("SELECT count(pg_notify(:channel, payload)) FROM unnest(CAST(:payloads AS text[])) AS payload"),
+        {"channel": channel, "payloads": list(payloads)},
+    )
 
 
 def asyncpg_dsn(url: URL) -> str:

@@ -321,3 +321,79 @@ async def test_subscribe_ends_unavailable_on_shutdown(protocol: str, tmp_path, c
 
     assert raised.value.code == "unavailable"
     assert exit_code == 0
+
+
+@pytest.mark.parametrize("protocol", UNARY_PROTOCOLS)
+async def test_topic_send_reaches_followers_live(protocol: Protocol, notifications_server: RunningServer, tokens: Tokens) -> None:
+    topic = f"e2e.{secrets.token_hex(4)}"
+    follower, outsider = new_uid(), new_uid()
+    follower_token = tokens.mint(follower)
+    for _ in range(2):
+        await call_service(
+            protocol, notifications_server, "FollowTopic", notification_pb2.FollowTopicRequest(topic=topic),
+            notification_pb2.FollowTopicResponse, follower_token,
+        )
+    topics = await call_service(
+        protocol, notifications_server, "ListFollowedTopics", notification_pb2.ListFollowedTopicsRequest(),
+        notification_pb2.ListFollowedTopicsResponse, follower_token,
+    )
+    admin = tokens.mint("notify-admin", roles=["admin"])
+
+    async with subscribe("grpc" if protocol is Protocol.GRPC else "connect-json", notifications_server, follower_token) as stream:
+        await read_replay(stream)
+        response = await call_service(
+            protocol, notifications_server, "Send", notification_pb2.SendRequest(topic=topic, title="Maintenance", body="Tonight"),
+            notification_pb2.SendResponse, admin,
+        )
+        received = await read_notification(stream)
+    outsider_list = await call_service(
+        protocol, notifications_server, "ListNotifications", notification_pb2.ListNotificationsRequest(),
+        notification_pb2.ListNotificationsResponse, tokens.mint(outsider),
+    )
+    await call_service(
+        protocol, notifications_server, "UnfollowTopic", notification_pb2.UnfollowTopicRequest(topic=topic),
+        notification_pb2.UnfollowTopicResponse, follower_token,
+    )
+    after_unfollow = await call_service(
+        protocol, notifications_server, "Send", notification_pb2.SendRequest(topic=topic, title="Nobody"),
+        notification_pb2.SendResponse, admin,
+    )
+
+    assert list(topics.topics) == [topic]
+    assert response.recipient_count == 1
+    assert not response.HasField("notification")
+    assert (received.uid, received.title, received.body, received.topic) == (follower, "Maintenance", "Tonight", topic)
+    assert list(outsider_list.notifications) == []
+    assert after_unfollow.recipient_count == 0
+
+
+@pytest.mark.parametrize(
+    ("request_fields", "field", "problem"),
+    [
+        ({"uid": "someone", "topic": "news", "title": "Hi"}, "topic", "must be empty when uid is set"),
+        ({"title": "Hi"}, "uid", "must be set, or topic must be"),
+        ({"topic": "Not A Topic", "title": "Hi"}, "topic", "lower-case letters"),
+    ],
+)
+async def test_send_names_the_wrong_recipient_field(
+    request_fields: dict[str, str], field: str, problem: str, notifications_server: RunningServer, tokens: Tokens
+) -> None:
+    with pytest.raises(RpcError) as raised:
+        await call_service(
+            Protocol.CONNECT_JSON, notifications_server, "Send", notification_pb2.SendRequest(**request_fields),
+            notification_pb2.SendResponse, tokens.mint("notify-admin", roles=["admin"]),
+        )
+
+    assert raised.value.code == "invalid_argument"
+    assert problem in raised.value.violations[field]
+
+
+async def test_follow_topic_refuses_invalid_names(notifications_server: RunningServer, tokens: Tokens) -> None:
+    with pytest.raises(RpcError) as raised:
+        await call_service(
+            Protocol.GRPC, notifications_server, "FollowTopic", notification_pb2.FollowTopicRequest(topic="../etc"),
+            notification_pb2.FollowTopicResponse, tokens.mint(new_uid()),
+        )
+
+    assert raised.value.code == "invalid_argument"
+    assert "lower-case letters" in raised.value.violations["topic"]

@@ -72,6 +72,23 @@ async def test_fanout_reaches_other_instance(postgres_database: Database, instan
     assert on_b.queue.empty()
 
 
+async def test_fanout_delivers_topic_sends_to_every_follower(postgres_database: Database, instances) -> None:
+    hub_a, hub_b, _ = instances
+    topic = f"fanout.{secrets.token_hex(4)}"
+    followers = [new_uid() for _ in range(3)]
+    async with postgres_database.unit_of_work() as session:
+        for uid in followers:
+            await logic.follow_topic(session, uid, topic)
+    subscriptions = {uid: hub_b.subscribe(uid) for uid in followers}
+
+    async with postgres_database.unit_of_work() as session:
+        sent = await logic.send_to_topic(session, hub_a, topic, "To all", "")
+
+    by_uid = {notification.uid: notification for notification in sent}
+    for uid, subscription in subscriptions.items():
+        assert await next_queued(subscription.queue) == by_uid[uid]
+
+
 async def test_fanout_keeps_commit_order(postgres_database: Database, instances) -> None:
     hub_a, hub_b, _ = instances
     uid = new_uid()

@@ -21,7 +21,7 @@ from connectrpc.protocol import ProtocolType
 from connectrpc.server import ConnectASGIApplication, ConnectWSGIApplication, DEFAULT_READ_MAX_BYTES, Endpoint, EndpointSync
 from pyqwest import Client, SyncClient
 
-from .notification_pb2 import GetUnreadCountRequest, GetUnreadCountResponse, ListNotificationsRequest, ListNotificationsResponse, MarkReadRequest, MarkReadResponse, SendRequest, SendResponse, SubscribeRequest, SubscribeResponse
+from .notification_pb2 import FollowTopicRequest, FollowTopicResponse, GetUnreadCountRequest, GetUnreadCountResponse, ListFollowedTopicsRequest, ListFollowedTopicsResponse, ListNotificationsRequest, ListNotificationsResponse, MarkReadRequest, MarkReadResponse, SendRequest, SendResponse, SubscribeRequest, SubscribeResponse, UnfollowTopicRequest, UnfollowTopicResponse
 
 if TYPE_CHECKING:
     from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Iterator, Mapping
@@ -44,8 +44,28 @@ class NotificationService(Protocol):
     """
     async def send(self, request: SendRequest, ctx: RequestContext[SendRequest, SendResponse], /) -> SendResponse:
         """
-        Creates a notification for one user and delivers it to that user's open
-        Subscribe streams.
+        Creates a notification for one user, or one for every follower of a
+        topic, and delivers each to its user's open Subscribe streams.
+        """
+        raise ConnectError(Code.UNIMPLEMENTED, 'Not implemented')
+
+    async def follow_topic(self, request: FollowTopicRequest, ctx: RequestContext[FollowTopicRequest, FollowTopicResponse], /) -> FollowTopicResponse:
+        """
+        Makes the caller a follower of a topic, so that notifications sent to the
+        topic from then on reach the caller. Following a topic again changes
+        nothing. A user follows at most 100 topics.
+        """
+        raise ConnectError(Code.UNIMPLEMENTED, 'Not implemented')
+
+    async def unfollow_topic(self, request: UnfollowTopicRequest, ctx: RequestContext[UnfollowTopicRequest, UnfollowTopicResponse], /) -> UnfollowTopicResponse:
+        """
+        Stops the caller following a topic. Notifications already received stay.
+        """
+        raise ConnectError(Code.UNIMPLEMENTED, 'Not implemented')
+
+    async def list_followed_topics(self, request: ListFollowedTopicsRequest, ctx: RequestContext[ListFollowedTopicsRequest, ListFollowedTopicsResponse], /) -> ListFollowedTopicsResponse:
+        """
+        Lists the topics the caller follows, in name order.
         """
         raise ConnectError(Code.UNIMPLEMENTED, 'Not implemented')
 
@@ -107,6 +127,39 @@ class NotificationServiceASGIApplication(ConnectASGIApplication[NotificationServ
                         stream_type=StreamType.UNARY,
                     ),
                     function=svc.send,
+                ),
+                "/functions.notification.v1.NotificationService/FollowTopic": Endpoint.unary(
+                    method=MethodInfo(
+                        name="FollowTopic",
+                        service_name="functions.notification.v1.NotificationService",
+                        input=FollowTopicRequest,
+                        output=FollowTopicResponse,
+                        idempotency_level=IdempotencyLevel.IDEMPOTENT,
+                        stream_type=StreamType.UNARY,
+                    ),
+                    function=svc.follow_topic,
+                ),
+                "/functions.notification.v1.NotificationService/UnfollowTopic": Endpoint.unary(
+                    method=MethodInfo(
+                        name="UnfollowTopic",
+                        service_name="functions.notification.v1.NotificationService",
+                        input=UnfollowTopicRequest,
+                        output=UnfollowTopicResponse,
+                        idempotency_level=IdempotencyLevel.IDEMPOTENT,
+                        stream_type=StreamType.UNARY,
+                    ),
+                    function=svc.unfollow_topic,
+                ),
+                "/functions.notification.v1.NotificationService/ListFollowedTopics": Endpoint.unary(
+                    method=MethodInfo(
+                        name="ListFollowedTopics",
+                        service_name="functions.notification.v1.NotificationService",
+                        input=ListFollowedTopicsRequest,
+                        output=ListFollowedTopicsResponse,
+                        idempotency_level=IdempotencyLevel.NO_SIDE_EFFECTS,
+                        stream_type=StreamType.UNARY,
+                    ),
+                    function=svc.list_followed_topics,
                 ),
                 "/functions.notification.v1.NotificationService/ListNotifications": Endpoint.unary(
                     method=MethodInfo(
@@ -202,8 +255,8 @@ class NotificationServiceClient(ConnectClient):
         timeout_ms: int | None = None,
     ) -> SendResponse:
         """
-        Creates a notification for one user and delivers it to that user's open
-        Subscribe streams.
+        Creates a notification for one user, or one for every follower of a
+        topic, and delivers each to its user's open Subscribe streams.
         """
         return await self.execute_unary(
             request=request,
@@ -217,6 +270,79 @@ class NotificationServiceClient(ConnectClient):
             ),
             headers=headers,
             timeout_ms=timeout_ms,
+        )
+    async def follow_topic(
+        self,
+        request: FollowTopicRequest,
+        *,
+        headers: Headers | Mapping[str, str] | None = None, 
+        timeout_ms: int | None = None,
+    ) -> FollowTopicResponse:
+        """
+        Makes the caller a follower of a topic, so that notifications sent to the
+        topic from then on reach the caller. Following a topic again changes
+        nothing. A user follows at most 100 topics.
+        """
+        return await self.execute_unary(
+            request=request,
+            method=MethodInfo(
+                name="FollowTopic",
+                service_name="functions.notification.v1.NotificationService",
+                input=FollowTopicRequest,
+                output=FollowTopicResponse,
+                idempotency_level=IdempotencyLevel.IDEMPOTENT,
+                stream_type=StreamType.UNARY,
+            ),
+            headers=headers,
+            timeout_ms=timeout_ms,
+        )
+    async def unfollow_topic(
+        self,
+        request: UnfollowTopicRequest,
+        *,
+        headers: Headers | Mapping[str, str] | None = None, 
+        timeout_ms: int | None = None,
+    ) -> UnfollowTopicResponse:
+        """
+        Stops the caller following a topic. Notifications already received stay.
+        """
+        return await self.execute_unary(
+            request=request,
+            method=MethodInfo(
+                name="UnfollowTopic",
+                service_name="functions.notification.v1.NotificationService",
+                input=UnfollowTopicRequest,
+                output=UnfollowTopicResponse,
+                idempotency_level=IdempotencyLevel.IDEMPOTENT,
+                stream_type=StreamType.UNARY,
+            ),
+            headers=headers,
+            timeout_ms=timeout_ms,
+        )
+    async def list_followed_topics(
+        self,
+        request: ListFollowedTopicsRequest,
+        *,
+        headers: Headers | Mapping[str, str] | None = None, 
+        timeout_ms: int | None = None,
+        use_get: bool = False,
+    ) -> ListFollowedTopicsResponse:
+        """
+        Lists the topics the caller follows, in name order.
+        """
+        return await self.execute_unary(
+            request=request,
+            method=MethodInfo(
+                name="ListFollowedTopics",
+                service_name="functions.notification.v1.NotificationService",
+                input=ListFollowedTopicsRequest,
+                output=ListFollowedTopicsResponse,
+                idempotency_level=IdempotencyLevel.NO_SIDE_EFFECTS,
+                stream_type=StreamType.UNARY,
+            ),
+            headers=headers,
+            timeout_ms=timeout_ms,
+            use_get=use_get,
         )
     async def list_notifications(
         self,
@@ -332,8 +458,28 @@ class NotificationServiceSync(Protocol):
     """
     def send(self, request: SendRequest, ctx: RequestContext[SendRequest, SendResponse], /) -> SendResponse:
         """
-        Creates a notification for one user and delivers it to that user's open
-        Subscribe streams.
+        Creates a notification for one user, or one for every follower of a
+        topic, and delivers each to its user's open Subscribe streams.
+        """
+        raise ConnectError(Code.UNIMPLEMENTED, 'Not implemented')
+
+    def follow_topic(self, request: FollowTopicRequest, ctx: RequestContext[FollowTopicRequest, FollowTopicResponse], /) -> FollowTopicResponse:
+        """
+        Makes the caller a follower of a topic, so that notifications sent to the
+        topic from then on reach the caller. Following a topic again changes
+        nothing. A user follows at most 100 topics.
+        """
+        raise ConnectError(Code.UNIMPLEMENTED, 'Not implemented')
+
+    def unfollow_topic(self, request: UnfollowTopicRequest, ctx: RequestContext[UnfollowTopicRequest, UnfollowTopicResponse], /) -> UnfollowTopicResponse:
+        """
+        Stops the caller following a topic. Notifications already received stay.
+        """
+        raise ConnectError(Code.UNIMPLEMENTED, 'Not implemented')
+
+    def list_followed_topics(self, request: ListFollowedTopicsRequest, ctx: RequestContext[ListFollowedTopicsRequest, ListFollowedTopicsResponse], /) -> ListFollowedTopicsResponse:
+        """
+        Lists the topics the caller follows, in name order.
         """
         raise ConnectError(Code.UNIMPLEMENTED, 'Not implemented')
 
@@ -393,6 +539,39 @@ class NotificationServiceWSGIApplication(ConnectWSGIApplication):
                         stream_type=StreamType.UNARY,
                     ),
                     function=service.send,
+                ),
+                "/functions.notification.v1.NotificationService/FollowTopic": EndpointSync.unary(
+                    method=MethodInfo(
+                        name="FollowTopic",
+                        service_name="functions.notification.v1.NotificationService",
+                        input=FollowTopicRequest,
+                        output=FollowTopicResponse,
+                        idempotency_level=IdempotencyLevel.IDEMPOTENT,
+                        stream_type=StreamType.UNARY,
+                    ),
+                    function=service.follow_topic,
+                ),
+                "/functions.notification.v1.NotificationService/UnfollowTopic": EndpointSync.unary(
+                    method=MethodInfo(
+                        name="UnfollowTopic",
+                        service_name="functions.notification.v1.NotificationService",
+                        input=UnfollowTopicRequest,
+                        output=UnfollowTopicResponse,
+                        idempotency_level=IdempotencyLevel.IDEMPOTENT,
+                        stream_type=StreamType.UNARY,
+                    ),
+                    function=service.unfollow_topic,
+                ),
+                "/functions.notification.v1.NotificationService/ListFollowedTopics": EndpointSync.unary(
+                    method=MethodInfo(
+                        name="ListFollowedTopics",
+                        service_name="functions.notification.v1.NotificationService",
+                        input=ListFollowedTopicsRequest,
+                        output=ListFollowedTopicsResponse,
+                        idempotency_level=IdempotencyLevel.NO_SIDE_EFFECTS,
+                        stream_type=StreamType.UNARY,
+                    ),
+                    function=service.list_followed_topics,
                 ),
                 "/functions.notification.v1.NotificationService/ListNotifications": EndpointSync.unary(
                     method=MethodInfo(
@@ -488,8 +667,8 @@ class NotificationServiceClientSync(ConnectClientSync):
         timeout_ms: int | None = None,
     ) -> SendResponse:
         """
-        Creates a notification for one user and delivers it to that user's open
-        Subscribe streams.
+        Creates a notification for one user, or one for every follower of a
+        topic, and delivers each to its user's open Subscribe streams.
         """
         return self.execute_unary(
             request=request,
@@ -503,6 +682,79 @@ class NotificationServiceClientSync(ConnectClientSync):
             ),
             headers=headers,
             timeout_ms=timeout_ms,
+        )
+    def follow_topic(
+        self,
+        request: FollowTopicRequest,
+        *,
+        headers: Headers | Mapping[str, str] | None = None, 
+        timeout_ms: int | None = None,
+    ) -> FollowTopicResponse:
+        """
+        Makes the caller a follower of a topic, so that notifications sent to the
+        topic from then on reach the caller. Following a topic again changes
+        nothing. A user follows at most 100 topics.
+        """
+        return self.execute_unary(
+            request=request,
+            method=MethodInfo(
+                name="FollowTopic",
+                service_name="functions.notification.v1.NotificationService",
+                input=FollowTopicRequest,
+                output=FollowTopicResponse,
+                idempotency_level=IdempotencyLevel.IDEMPOTENT,
+                stream_type=StreamType.UNARY,
+            ),
+            headers=headers,
+            timeout_ms=timeout_ms,
+        )
+    def unfollow_topic(
+        self,
+        request: UnfollowTopicRequest,
+        *,
+        headers: Headers | Mapping[str, str] | None = None, 
+        timeout_ms: int | None = None,
+    ) -> UnfollowTopicResponse:
+        """
+        Stops the caller following a topic. Notifications already received stay.
+        """
+        return self.execute_unary(
+            request=request,
+            method=MethodInfo(
+                name="UnfollowTopic",
+                service_name="functions.notification.v1.NotificationService",
+                input=UnfollowTopicRequest,
+                output=UnfollowTopicResponse,
+                idempotency_level=IdempotencyLevel.IDEMPOTENT,
+                stream_type=StreamType.UNARY,
+            ),
+            headers=headers,
+            timeout_ms=timeout_ms,
+        )
+    def list_followed_topics(
+        self,
+        request: ListFollowedTopicsRequest,
+        *,
+        headers: Headers | Mapping[str, str] | None = None, 
+        timeout_ms: int | None = None,
+        use_get: bool = False,
+    ) -> ListFollowedTopicsResponse:
+        """
+        Lists the topics the caller follows, in name order.
+        """
+        return self.execute_unary(
+            request=request,
+            method=MethodInfo(
+                name="ListFollowedTopics",
+                service_name="functions.notification.v1.NotificationService",
+                input=ListFollowedTopicsRequest,
+                output=ListFollowedTopicsResponse,
+                idempotency_level=IdempotencyLevel.NO_SIDE_EFFECTS,
+                stream_type=StreamType.UNARY,
+            ),
+            headers=headers,
+            timeout_ms=timeout_ms,
+            use_get=use_get,
         )
     def list_notifications(
         self,

@@ -26,7 +26,7 @@ from functions.options.v1 import options_pb2 as functions_dot_options_dot_v1_dot
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n,functions/notification/v1/notification.proto\x12\x19\x66unctions.notification.v1\x1a\"functions/options/v1/options.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xa4\x01\n\x0cNotification\x12\n\n\x02id\x18\x01 \x01(\x03\x12\x0b\n\x03uid\x18\x02 \x01(\t\x12\r\n\x05title\x18\x03 \x01(\t\x12\x0c\n\x04\x62ody\x18\x04 \x01(\t\x12/\n\x0b\x63reate_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12-\n\tread_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"7\n\x0bSendRequest\x12\x0b\n\x03uid\x18\x01 \x01(\t\x12\r\n\x05title\x18\x02 \x01(\t\x12\x0c\n\x04\x62ody\x18\x03 \x01(\t\"M\n\x0cSendResponse\x12=\n\x0cnotification\x18\x01 \x01(\x0b\x32\'.functions.notification.v1.Notification\"V\n\x18ListNotificationsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12\x13\n\x0bunread_only\x18\x03 \x01(\x08\"t\n\x19ListNotificationsResponse\x12>\n\rnotifications\x18\x01 \x03(\x0b\x32\'.functions.notification.v1.Notification\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"+\n\x0fMarkReadRequest\x12\x0b\n\x03ids\x18\x01 \x03(\x03\x12\x0b\n\x03\x61ll\x18\x02 \x01(\x08\"(\n\x10MarkReadResponse\x12\x14\n\x0cmarked_count\x18\x01 \x01(\x05\"\x17\n\x15GetUnreadCountRequest\".\n\x16GetUnreadCountResponse\x12\x14\n\x0cunread_count\x18\x01 \x01(\x05\"$\n\x10SubscribeRequest\x12\x10\n\x08\x61\x66ter_id\x18\x01 \x01(\x03\"\x98\x01\n\x11SubscribeResponse\x12?\n\x0cnotification\x18\x01 \x01(\x0b\x32\'.functions.notification.v1.NotificationH\x00\x12\x39\n\theartbeat\x18\x02 \x01(\x0b\x32$.functions.notification.v1.HeartbeatH\x00\x42\x07\n\x05\x65vent\"5\n\tHeartbeat\x12(\n\x04time\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp2\xf1\x04\n\x13NotificationService\x12\x66\n\x04Send\x12&.functions.notification.v1.SendRequest\x1a\'.functions.notification.v1.SendResponse\"\r\x8a\xb5\x18\t\x08\x03\x12\x05\x61\x64min\x12\x89\x01\n\x11ListNotifications\x12\x33.functions.notification.v1.ListNotificationsRequest\x1a\x34.functions.notification.v1.ListNotificationsResponse\"\t\x90\x02\x01\x8a\xb5\x18\x02\x08\x02\x12n\n\x08MarkRead\x12*.functions.notification.v1.MarkReadRequest\x1a+.functions.notification.v1.MarkReadResponse\"\t\x90\x02\x02\x8a\xb5\x18\x02\x08\x02\x12\x80\x01\n\x0eGetUnreadCount\x12\x30.functions.notification.v1.GetUnreadCountRequest\x1a\x31.functions.notification.v1.GetUnreadCountResponse\"\t\x90\x02\x01\x8a\xb5\x18\x02\x08\x02\x12s\n\tSubscribe\x12+.functions.notification.v1.SubscribeRequest\x1a,.functions.notification.v1.SubscribeResponse\"\t\x90\x02\x01\x8a\xb5\x18\x02\x08\x02\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n,functions/notification/v1/notification.proto\x12\x19\x66unctions.notification.v1\x1a\"functions/options/v1/options.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xb3\x01\n\x0cNotification\x12\n\n\x02id\x18\x01 \x01(\x03\x12\x0b\n\x03uid\x18\x02 \x01(\t\x12\r\n\x05title\x18\x03 \x01(\t\x12\x0c\n\x04\x62ody\x18\x04 \x01(\t\x12/\n\x0b\x63reate_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12-\n\tread_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\r\n\x05topic\x18\x07 \x01(\t\"F\n\x0bSendRequest\x12\x0b\n\x03uid\x18\x01 \x01(\t\x12\r\n\x05title\x18\x02 \x01(\t\x12\x0c\n\x04\x62ody\x18\x03 \x01(\t\x12\r\n\x05topic\x18\x04 \x01(\t\"f\n\x0cSendResponse\x12=\n\x0cnotification\x18\x01 \x01(\x0b\x32\'.functions.notification.v1.Notification\x12\x17\n\x0frecipient_count\x18\x02 \x01(\x05\"#\n\x12\x46ollowTopicRequest\x12\r\n\x05topic\x18\x01 \x01(\t\"\x15\n\x13\x46ollowTopicResponse\"%\n\x14UnfollowTopicRequest\x12\r\n\x05topic\x18\x01 \x01(\t\"\x17\n\x15UnfollowTopicResponse\"\x1b\n\x19ListFollowedTopicsRequest\",\n\x1aListFollowedTopicsResponse\x12\x0e\n\x06topics\x18\x01 \x03(\t\"V\n\x18ListNotificationsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12\x13\n\x0bunread_only\x18\x03 \x01(\x08\"t\n\x19ListNotificationsResponse\x12>\n\rnotifications\x18\x01 \x03(\x0b\x32\'.functions.notification.v1.Notification\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"+\n\x0fMarkReadRequest\x12\x0b\n\x03ids\x18\x01 \x03(\x03\x12\x0b\n\x03\x61ll\x18\x02 \x01(\x08\"(\n\x10MarkReadResponse\x12\x14\n\x0cmarked_count\x18\x01 \x01(\x05\"\x17\n\x15GetUnreadCountRequest\".\n\x16GetUnreadCountResponse\x12\x14\n\x0cunread_count\x18\x01 \x01(\x05\"$\n\x10SubscribeRequest\x12\x10\n\x08\x61\x66ter_id\x18\x01 \x01(\x03\"\x98\x01\n\x11SubscribeResponse\x12?\n\x0cnotification\x18\x01 \x01(\x0b\x32\'.functions.notification.v1.NotificationH\x00\x12\x39\n\theartbeat\x18\x02 \x01(\x0b\x32$.functions.notification.v1.HeartbeatH\x00\x42\x07\n\x05\x65vent\"5\n\tHeartbeat\x12(\n\x04time\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp2\xf8\x07\n\x13NotificationService\x12\x66\n\x04Send\x12&.functions.notification.v1.SendRequest\x1a\'.functions.notification.v1.SendResponse\"\r\x8a\xb5\x18\t\x08\x03\x12\x05\x61\x64min\x12w\n\x0b\x46ollowTopic\x12-.functions.notification.v1.FollowTopicRequest\x1a..functions.notification.v1.FollowTopicResponse\"\t\x90\x02\x02\x8a\xb5\x18\x02\x08\x02\x12}\n\rUnfollowTopic\x12/.functions.notification.v1.UnfollowTopicRequest\x1a\x30.functions.notification.v1.UnfollowTopicResponse\"\t\x90\x02\x02\x8a\xb5\x18\x02\x08\x02\x12\x8c\x01\n\x12ListFollowedTopics\x12\x34.functions.notification.v1.ListFollowedTopicsRequest\x1a\x35.functions.notification.v1.ListFollowedTopicsResponse\"\t\x90\x02\x01\x8a\xb5\x18\x02\x08\x02\x12\x89\x01\n\x11ListNotifications\x12\x33.functions.notification.v1.ListNotificationsRequest\x1a\x34.functions.notification.v1.ListNotificationsResponse\"\t\x90\x02\x01\x8a\xb5\x18\x02\x08\x02\x12n\n\x08MarkRead\x12*.functions.notification.v1.MarkReadRequest\x1a+.functions.notification.v1.MarkReadResponse\"\t\x90\x02\x02\x8a\xb5\x18\x02\x08\x02\x12\x80\x01\n\x0eGetUnreadCount\x12\x30.functions.notification.v1.GetUnreadCountRequest\x1a\x31.functions.notification.v1.GetUnreadCountResponse\"\t\x90\x02\x01\x8a\xb5\x18\x02\x08\x02\x12s\n\tSubscribe\x12+.functions.notification.v1.SubscribeRequest\x1a,.functions.notification.v1.SubscribeResponse\"\t\x90\x02\x01\x8a\xb5\x18\x02\x08\x02\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,6 +35,12 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_NOTIFICATIONSERVICE'].methods_by_name['Send']._loaded_options = None
   _globals['_NOTIFICATIONSERVICE'].methods_by_name['Send']._serialized_options = b'\212\265\030\t\010\003\022\005admin'
+  _globals['_NOTIFICATIONSERVICE'].methods_by_name['FollowTopic']._loaded_options = None
+  _globals['_NOTIFICATIONSERVICE'].methods_by_name['FollowTopic']._serialized_options = b'\220\002\002\212\265\030\002\010\002'
+  _globals['_NOTIFICATIONSERVICE'].methods_by_name['UnfollowTopic']._loaded_options = None
+  _globals['_NOTIFICATIONSERVICE'].methods_by_name['UnfollowTopic']._serialized_options = b'\220\002\002\212\265\030\002\010\002'
+  _globals['_NOTIFICATIONSERVICE'].methods_by_name['ListFollowedTopics']._loaded_options = None
+  _globals['_NOTIFICATIONSERVICE'].methods_by_name['ListFollowedTopics']._serialized_options = b'\220\002\001\212\265\030\002\010\002'
   _globals['_NOTIFICATIONSERVICE'].methods_by_name['ListNotifications']._loaded_options = None
   _globals['_NOTIFICATIONSERVICE'].methods_by_name['ListNotifications']._serialized_options = b'\220\002\001\212\265\030\002\010\002'
   _globals['_NOTIFICATIONSERVICE'].methods_by_name['MarkRead']._loaded_options = None
@@ -44,29 +50,41 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_NOTIFICATIONSERVICE'].methods_by_name['Subscribe']._loaded_options = None
   _globals['_NOTIFICATIONSERVICE'].methods_by_name['Subscribe']._serialized_options = b'\220\002\001\212\265\030\002\010\002'
   _globals['_NOTIFICATION']._serialized_start=145
-  _globals['_NOTIFICATION']._serialized_end=309
-  _globals['_SENDREQUEST']._serialized_start=311
-  _globals['_SENDREQUEST']._serialized_end=366
-  _globals['_SENDRESPONSE']._serialized_start=368
-  _globals['_SENDRESPONSE']._serialized_end=445
-  _globals['_LISTNOTIFICATIONSREQUEST']._serialized_start=447
-  _globals['_LISTNOTIFICATIONSREQUEST']._serialized_end=533
-  _globals['_LISTNOTIFICATIONSRESPONSE']._serialized_start=535
-  _globals['_LISTNOTIFICATIONSRESPONSE']._serialized_end=651
-  _globals['_MARKREADREQUEST']._serialized_start=653
-  _globals['_MARKREADREQUEST']._serialized_end=696
-  _globals['_MARKREADRESPONSE']._serialized_start=698
-  _globals['_MARKREADRESPONSE']._serialized_end=738
-  _globals['_GETUNREADCOUNTREQUEST']._serialized_start=740
-  _globals['_GETUNREADCOUNTREQUEST']._serialized_end=763
-  _globals['_GETUNREADCOUNTRESPONSE']._serialized_start=765
-  _globals['_GETUNREADCOUNTRESPONSE']._serialized_end=811
-  _globals['_SUBSCRIBEREQUEST']._serialized_start=813
-  _globals['_SUBSCRIBEREQUEST']._serialized_end=849
-  _globals['_SUBSCRIBERESPONSE']._serialized_start=852
-  _globals['_SUBSCRIBERESPONSE']._serialized_end=1004
-  _globals['_HEARTBEAT']._serialized_start=1006
-  _globals['_HEARTBEAT']._serialized_end=1059
-  _globals['_NOTIFICATIONSERVICE']._serialized_start=1062
-  _globals['_NOTIFICATIONSERVICE']._serialized_end=1687
+  _globals['_NOTIFICATION']._serialized_end=324
+  _globals['_SENDREQUEST']._serialized_start=326
+  _globals['_SENDREQUEST']._serialized_end=396
+  _globals['_SENDRESPONSE']._serialized_start=398
+  _globals['_SENDRESPONSE']._serialized_end=500
+  _globals['_FOLLOWTOPICREQUEST']._serialized_start=502
+  _globals['_FOLLOWTOPICREQUEST']._serialized_end=537
+  _globals['_FOLLOWTOPICRESPONSE']._serialized_start=539
+  _globals['_FOLLOWTOPICRESPONSE']._serialized_end=560
+  _globals['_UNFOLLOWTOPICREQUEST']._serialized_start=562
+  _globals['_UNFOLLOWTOPICREQUEST']._serialized_end=599
+  _globals['_UNFOLLOWTOPICRESPONSE']._serialized_start=601
+  _globals['_UNFOLLOWTOPICRESPONSE']._serialized_end=624
+  _globals['_LISTFOLLOWEDTOPICSREQUEST']._serialized_start=626
+  _globals['_LISTFOLLOWEDTOPICSREQUEST']._serialized_end=653
+  _globals['_LISTFOLLOWEDTOPICSRESPONSE']._serialized_start=655
+  _globals['_LISTFOLLOWEDTOPICSRESPONSE']._serialized_end=699
+  _globals['_LISTNOTIFICATIONSREQUEST']._serialized_start=701
+  _globals['_LISTNOTIFICATIONSREQUEST']._serialized_end=787
+  _globals['_LISTNOTIFICATIONSRESPONSE']._serialized_start=789
+  _globals['_LISTNOTIFICATIONSRESPONSE']._serialized_end=905
+  _globals['_MARKREADREQUEST']._serialized_start=907
+  _globals['_MARKREADREQUEST']._serialized_end=950
+  _globals['_MARKREADRESPONSE']._serialized_start=952
+  _globals['_MARKREADRESPONSE']._serialized_end=992
+  _globals['_GETUNREADCOUNTREQUEST']._serialized_start=994
+  _globals['_GETUNREADCOUNTREQUEST']._serialized_end=1017
+  _globals['_GETUNREADCOUNTRESPONSE']._serialized_start=1019
+  _globals['_GETUNREADCOUNTRESPONSE']._serialized_end=1065
+  _globals['_SUBSCRIBEREQUEST']._serialized_start=1067
+  _globals['_SUBSCRIBEREQUEST']._serialized_end=1103
+  _globals['_SUBSCRIBERESPONSE']._serialized_start=1106
+  _globals['_SUBSCRIBERESPONSE']._serialized_end=1258
+  _globals['_HEARTBEAT']._serialized_start=1260
+  _globals['_HEARTBEAT']._serialized_end=1313
+  _globals['_NOTIFICATIONSERVICE']._serialized_start=1316
+  _globals['_NOTIFICATIONSERVICE']._serialized_end=2332
 # @@protoc_insertion_point(module_scope)

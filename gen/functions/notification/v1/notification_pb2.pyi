@@ -11,36 +11,72 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class Notification(_message.Message):
-    __slots__ = ("id", "uid", "title", "body", "create_time", "read_time")
+    __slots__ = ("id", "uid", "title", "body", "create_time", "read_time", "topic")
     ID_FIELD_NUMBER: _ClassVar[int]
     UID_FIELD_NUMBER: _ClassVar[int]
     TITLE_FIELD_NUMBER: _ClassVar[int]
     BODY_FIELD_NUMBER: _ClassVar[int]
     CREATE_TIME_FIELD_NUMBER: _ClassVar[int]
     READ_TIME_FIELD_NUMBER: _ClassVar[int]
+    TOPIC_FIELD_NUMBER: _ClassVar[int]
     id: int
     uid: str
     title: str
     body: str
     create_time: _timestamp_pb2.Timestamp
     read_time: _timestamp_pb2.Timestamp
-    def __init__(self, id: _Optional[int] = ..., uid: _Optional[str] = ..., title: _Optional[str] = ..., body: _Optional[str] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., read_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    topic: str
+    def __init__(self, id: _Optional[int] = ..., uid: _Optional[str] = ..., title: _Optional[str] = ..., body: _Optional[str] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., read_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., topic: _Optional[str] = ...) -> None: ...
 
 class SendRequest(_message.Message):
-    __slots__ = ("uid", "title", "body")
+    __slots__ = ("uid", "title", "body", "topic")
     UID_FIELD_NUMBER: _ClassVar[int]
     TITLE_FIELD_NUMBER: _ClassVar[int]
     BODY_FIELD_NUMBER: _ClassVar[int]
+    TOPIC_FIELD_NUMBER: _ClassVar[int]
     uid: str
     title: str
     body: str
-    def __init__(self, uid: _Optional[str] = ..., title: _Optional[str] = ..., body: _Optional[str] = ...) -> None: ...
+    topic: str
+    def __init__(self, uid: _Optional[str] = ..., title: _Optional[str] = ..., body: _Optional[str] = ..., topic: _Optional[str] = ...) -> None: ...
 
 class SendResponse(_message.Message):
-    __slots__ = ("notification",)
+    __slots__ = ("notification", "recipient_count")
     NOTIFICATION_FIELD_NUMBER: _ClassVar[int]
+    RECIPIENT_COUNT_FIELD_NUMBER: _ClassVar[int]
     notification: Notification
-    def __init__(self, notification: _Optional[_Union[Notification, _Mapping]] = ...) -> None: ...
+    recipient_count: int
+    def __init__(self, notification: _Optional[_Union[Notification, _Mapping]] = ..., recipient_count: _Optional[int] = ...) -> None: ...
+
+class FollowTopicRequest(_message.Message):
+    __slots__ = ("topic",)
+    TOPIC_FIELD_NUMBER: _ClassVar[int]
+    topic: str
+    def __init__(self, topic: _Optional[str] = ...) -> None: ...
+
+class FollowTopicResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class UnfollowTopicRequest(_message.Message):
+    __slots__ = ("topic",)
+    TOPIC_FIELD_NUMBER: _ClassVar[int]
+    topic: str
+    def __init__(self, topic: _Optional[str] = ...) -> None: ...
+
+class UnfollowTopicResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ListFollowedTopicsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ListFollowedTopicsResponse(_message.Message):
+    __slots__ = ("topics",)
+    TOPICS_FIELD_NUMBER: _ClassVar[int]
+    topics: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, topics: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ListNotificationsRequest(_message.Message):
     __slots__ = ("page_size", "page_token", "unread_only")
