@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
@@ -13,6 +13,7 @@ from starlette.routing import Mount, Route
 
 from app.platform.auth import CertificateSource, FirebaseTokenVerifier, ensure_dev_keys
 from app.platform.codecs import server_codecs
+from app.platform.context import Principal
 from app.platform.db import Database
 from app.platform.events import Consumer
 from app.platform.firebase import FirebaseAdmin
@@ -31,7 +32,9 @@ from app.platform.observability import ObservabilityMiddleware, configure_observ
 from app.platform.overload import OverloadGuardMiddleware
 from app.platform.ratelimit import RateLimitMiddleware
 from app.platform.reflection import reflection_apps
+from app.platform.storage import ObjectStorage, create_storage
 from app.settings import Settings
+from app.users.access import deleted_account_checker
 
 log = logging.getLogger(__name__)
 
@@ -39,12 +42,16 @@ READINESS_TIMEOUT_SECONDS = 2.0
 
 
 def build_verifier(
-    settings: Settings, firebase: FirebaseAdmin | None = None
+    settings: Settings,
+    firebase: FirebaseAdmin | None = None,
+    account_checker: Callable[[Principal], Awaitable[None]] | None = None,
 ) -> tuple[FirebaseTokenVerifier, CertificateSource | None]:
     """Create the ID token verifier for the configured certificate source or emulator.
 
     With AUTH_CHECK_REVOKED, tokens are checked against Firebase through `firebase`, and
-    sessions revoked through it leave the verifier's cache at once.
+    sessions revoked through it leave the verifier's cache at once. `account_checker` rejects
+    tokens of deleted accounts; like the Firebase check, it runs for each new token and again
+    for a cached one every minute.
     """
     emulator = bool(settings.firebase_auth_emulator_host)
     certificates = None
@@ -55,36 +62,64 @@ def build_verifier(
             settings.effective_certs_url, timeout_seconds=settings.auth_certs_timeout_seconds
         )
 
-    check_revoked = settings.auth_check_revoked and firebase is not None
+    checkers = []
+    if settings.auth_check_revoked and firebase is not None:
+        checkers.append(firebase.check_revoked)
+    if account_checker is not None:
+        checkers.append(account_checker)
+
+    async def check_all(principal: Principal) -> None:
+        for check in checkers:
+            await check(principal)
+
     verifier = FirebaseTokenVerifier(
         project_id=settings.firebase_project_id,
         certificates=certificates,
         clock_skew_seconds=settings.auth_clock_skew_seconds,
         emulator=emulator,
-        revocation_checker=firebase.check_revoked if check_revoked else None,
+        revocation_checker=check_all if checkers else None,
     )
     if firebase is not None:
         firebase.revocation_listeners.append(verifier.forget_user)
     return verifier, certificates
 
 
-def build_consumers(settings: Settings) -> list[Consumer]:
-    """Return the event consumers of every enabled domain."""
+def build_consumers(
+    settings: Settings, firebase: FirebaseAdmin | None = None, storage: ObjectStorage | None = None
+) -> list[Consumer]:
+    """Return the event consumers of every enabled domain.
+
+    The files consumers use `storage`, or a new adapter from the settings when it is None.
+    """
     consumers = []
+    if "users" in settings.enabled_services and settings.has_firebase_accounts:
+        from app.users.events import disable_sign_in_consumer
+
+        consumers.append(disable_sign_in_consumer(firebase or FirebaseAdmin.from_settings(settings)))
     if "notifications" in settings.enabled_services:
         from app.notifications.events import process_hub, user_deleted_consumer, welcome_consumer
 
         consumers.append(welcome_consumer(process_hub))
         consumers.append(user_deleted_consumer())
+    if "files" in settings.enabled_services:
+        from app.files.events import file_consumers
+
+        consumers.extend(file_consumers(storage or create_storage(settings)))
     return consumers
 
 
 def build_services(
-    settings: Settings, database: Database, firebase: FirebaseAdmin, shutting_down: asyncio.Event
+    settings: Settings,
+    database: Database,
+    firebase: FirebaseAdmin,
+    shutting_down: asyncio.Event,
+    on_account_deleted: Callable[[str], None] | None = None,
+    storage: ObjectStorage | None = None,
 ) -> list:
     """Create the connectrpc application of every enabled domain.
 
-    Server streams end with `unavailable` once `shutting_down` is set.
+    Server streams end with `unavailable` once `shutting_down` is set. `on_account_deleted` is
+    called with the uid of each account that DeleteMe deletes.
     """
     options = {
         "interceptors": service_interceptors(settings.default_deadline_seconds),
@@ -103,7 +138,10 @@ def build_services(
 
         from app.users.handler import UserHandler
 
-        services.append(UserServiceASGIApplication(UserHandler(database, firebase), **options))
+        handler = UserHandler(
+            database, firebase, on_account_deleted=on_account_deleted, disable_retried=settings.has_firebase_accounts
+        )
+        services.append(UserServiceASGIApplication(handler, **options))
     if "notifications" in settings.enabled_services:
         from functions.notification.v1.notification_connect import NotificationServiceASGIApplication
 
@@ -112,6 +150,14 @@ def build_services(
 
         handler = NotificationHandler(database, process_hub, shutting_down)
         services.append(NotificationServiceASGIApplication(handler, **options))
+    if "files" in settings.enabled_services and storage is not None:
+        from functions.file.v1.file_connect import FileServiceASGIApplication
+
+        from app.files.handler import FileHandler
+        from app.files.logic import FileLimits, Files
+
+        files = Files(database, storage, FileLimits.from_settings(settings))
+        services.append(FileServiceASGIApplication(FileHandler(files), **options))
     return services
 
 
@@ -154,9 +200,12 @@ def create_app(settings: Settings | None = None) -> Starlette:
     database = Database.from_settings(settings)
     configure_observability(settings, database)
     # EVENTS_ENGINE picks the relay: in-process by default, or pgmq queues shared by many processes.
-    relay = create_relay(settings, database, build_consumers(settings))
     firebase = FirebaseAdmin.from_settings(settings)
-    verifier, certificates = build_verifier(settings, firebase)
+    # One storage adapter serves the files service, its consumers and the upload sweeper.
+    storage = create_storage(settings) if "files" in settings.enabled_services else None
+    relay = create_relay(settings, database, build_consumers(settings, firebase, storage))
+    # Every domain refuses the tokens of deleted accounts, wherever the users service runs.
+    verifier, certificates = build_verifier(settings, firebase, deleted_account_checker(database))
 
     async def is_ready() -> bool:
         try:
@@ -168,7 +217,9 @@ def create_app(settings: Settings | None = None) -> Starlette:
 
     # Set when shutdown starts (see DrainingServer); every server stream ends on it.
     shutting_down = asyncio.Event()
-    services = build_services(settings, database, firebase, shutting_down)
+    services = build_services(
+        settings, database, firebase, shutting_down, on_account_deleted=verifier.forget_user, storage=storage
+    )
     service_names = [app.path.strip("/") for app in services]
     health = HealthService(service_names, is_ready)
     health.shutting_down = shutting_down
@@ -190,13 +241,24 @@ def create_app(settings: Settings | None = None) -> Starlette:
             from app.notifications.fanout import start_fanout
 
             notification_fanout = await start_fanout(database, process_hub)
+        upload_sweeper = None
+        if storage is not None and settings.events_relay_in_web:
+            from app.files.events import UploadSweeper
+            from app.files.logic import FileLimits, Files
+
+            upload_sweeper = UploadSweeper(Files(database, storage, FileLimits.from_settings(settings)))
+            upload_sweeper.start()
         log.info("serving %s", ", ".join(service_names), extra={"services": service_names})
         yield
         health.shutting_down.set()
         if notification_fanout is not None:
             await notification_fanout.stop()
+        if upload_sweeper is not None:
+            await upload_sweeper.stop()
         if settings.events_relay_in_web:
             await relay.stop()
+        if storage is not None:
+            await storage.aclose()
         if certificates is not None:
             await certificates.aclose()
         await database.dispose()
@@ -207,6 +269,8 @@ def create_app(settings: Settings | None = None) -> Starlette:
         Route("/healthz", healthz, methods=["GET", "HEAD"]),
         Route("/readyz", readyz_endpoint(is_ready), methods=["GET", "HEAD"]),
         *metrics_routes(settings),
+        # The local adapter serves its own signed download and upload URLs.
+        *(storage.routes() if storage is not None and settings.storage_backend == "local" else []),
         *(Mount(app.path, app) for app in rpc_apps),
     ]
     app = Starlette(routes=routes, middleware=platform_middleware(settings, verifier), lifespan=lifespan)

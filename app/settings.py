@@ -163,6 +163,11 @@ class Settings(BaseSettings):
         return (self.public_base_url or f"http://{self.host}:{self.port}").rstrip("/")
 
     @property
+    def has_firebase_accounts(self) -> bool:
+        """Return whether users sign in with a Firebase project or its emulator, not with development keys."""
+        return bool(self.firebase_auth_emulator_host) or not self.uses_dev_keys
+
+    @property
     def uses_dev_keys(self) -> bool:
         """Return whether tokens are verified against the local development key pair."""
         return not self.firebase_certs_url

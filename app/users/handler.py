@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable
 from datetime import datetime
 
 from connectrpc.request import RequestContext
@@ -10,24 +12,40 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from app.platform.context import Principal, current_principal
 from app.platform.db import Database
-from app.platform.errors import Unauthenticated
+from app.platform.errors import Unauthenticated, Unavailable
 from app.platform.firebase import FirebaseAdmin
 from app.users import logic
 from app.users.convert import updatable_values, user_to_proto
+from app.users.events import DISABLE_SIGN_IN_CONSUMER_NAME
+
+log = logging.getLogger(__name__)
 
 
 class UserHandler:
     """UserService over the users tables."""
 
-    def __init__(self, database: Database, firebase: FirebaseAdmin | None = None) -> None:
+    def __init__(
+        self,
+        database: Database,
+        firebase: FirebaseAdmin | None = None,
+        *,
+        on_account_deleted: Callable[[str], None] | None = None,
+        disable_retried: bool = False,
+    ) -> None:
         """Create the service.
 
         Args:
             firebase: disables the Firebase user of a deleted account. Without it, DeleteMe still
                 deletes the profile but then fails with failed_precondition.
+            on_account_deleted: called with the uid once a deletion commits, e.g. to drop the
+                user's cached tokens.
+            disable_retried: whether the UserDeleted consumer of app.users.events runs. DeleteMe
+                then succeeds when Firebase is unavailable, because that consumer retries.
         """
         self._database = database
         self._firebase = firebase
+        self._on_account_deleted = on_account_deleted
+        self._disable_retried = disable_retried
 
     async def get_me(self, request: user_pb2.GetMeRequest, ctx: RequestContext, /) -> user_pb2.GetMeResponse:
         principal = _signed_in_principal()
@@ -66,7 +84,17 @@ class UserHandler:
         # because their tokens are then rejected. In this order, a repeated DeleteMe finishes it.
         async with self._database.unit_of_work() as session:
             profile = await logic.delete_profile(session, principal, request.etag)
-        await logic.disable_sign_in(self._firebase, profile.uid)
+        if self._on_account_deleted is not None:
+            self._on_account_deleted(profile.uid)
+        try:
+            await logic.disable_sign_in(self._firebase, profile.uid)
+        except Unavailable:
+            if not self._disable_retried:
+                raise
+            log.warning(
+                "Firebase account of a deleted user is not disabled yet; the %s consumer retries",
+                DISABLE_SIGN_IN_CONSUMER_NAME, extra={"uid": profile.uid},
+            )
 
         return user_pb2.DeleteMeResponse(uid=profile.uid, delete_time=_timestamp(profile.delete_time))
 

@@ -154,7 +154,8 @@ async def disable_sign_in(firebase: FirebaseAdmin | None, uid: str) -> None:
     """Disable the Firebase user of a deleted profile, so Firebase refuses their sign-ins and token refreshes.
 
     Call it after the deletion commits. When it fails, the deletion stays committed and the
-    error message states that. A repeated DeleteMe returns the same deletion and tries Firebase again.
+    error message states that. Where users sign in with Firebase, the UserDeleted consumer of
+    app.users.events retries until it succeeds.
 
     Raises:
         FailedPrecondition: when this server has no Firebase Admin or no credentials for it.
@@ -173,7 +174,7 @@ async def disable_sign_in(firebase: FirebaseAdmin | None, uid: str) -> None:
         log.info("deleted user has no Firebase account to disable", extra={"uid": uid})
     except (FailedPrecondition, Unavailable) as error:
         raise type(error)(
-            f"user {uid} is deleted, but its Firebase account is not disabled, so call DeleteMe again: {error.message}",
+            f"user {uid} is deleted, but its Firebase account is not disabled: {error.message}",
             reason=error.reason,
         ) from error
 

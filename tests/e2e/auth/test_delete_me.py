@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Iterator
 
@@ -13,12 +14,15 @@ from functions.user.v1 import user_pb2
 from tests.e2e.clients import Protocol, RpcError, call
 from tests.servers import RunningServer, run_server
 from tests.support.emulator import server_env
+from tests.support.tcp_forwarder import TcpForwarder
 
 pytestmark = pytest.mark.emulator
 
 USERS = "functions.user.v1.UserService"
 AUTH = "functions.auth.v1.AuthService"
 MAIN_PROTOCOLS = [Protocol.CONNECT_JSON, Protocol.GRPC]
+# The relay retries a failed event after 0.5, 1, 2 and 4 s at most, with jitter.
+DISABLE_RETRY_WAIT_SECONDS = 15.0
 
 
 @pytest.fixture(scope="module")
@@ -88,22 +92,49 @@ async def test_deleted_user_cannot_refresh_token(users_server, auth_emulator, us
     assert "USER_DISABLED" in raised.value.response.text
 
 
-async def test_repeated_delete_me_returns_same_delete_time(unchecked_users_server, user):
-    first = await delete_me(unchecked_users_server, user.id_token)
-    second = await delete_me(unchecked_users_server, user.id_token)
-
-    assert second == first
-
-
-async def test_without_revocation_check_only_users_reject_token(unchecked_users_server, auth_emulator, user):
+async def test_repeated_delete_me_is_unauthenticated(unchecked_users_server, user):
     await delete_me(unchecked_users_server, user.id_token)
 
-    identity = await who_am_i(unchecked_users_server, user.id_token)
     with pytest.raises(RpcError) as raised:
-        await get_me(unchecked_users_server, user.id_token)
+        await delete_me(unchecked_users_server, user.id_token)
 
-    # Without AUTH_CHECK_REVOKED, other domains accept the ID token until it expires.
-    assert identity.uid == user.uid
-    assert raised.value.code == "unauthenticated"
-    assert raised.value.reason == "ACCOUNT_DELETED"
+    assert (raised.value.code, raised.value.reason) == ("unauthenticated", "ACCOUNT_DELETED")
+
+
+async def test_without_revocation_check_every_domain_rejects_token(unchecked_users_server, auth_emulator, user):
+    """Without AUTH_CHECK_REVOKED, Firebase is never asked; the deleted profile alone refuses the token."""
+    await delete_me(unchecked_users_server, user.id_token)
+
+    refused = {}
+    for name, call_service in (("auth", who_am_i), ("users", get_me)):
+        with pytest.raises(RpcError) as raised:
+            await call_service(unchecked_users_server, user.id_token)
+        refused[name] = (raised.value.code, raised.value.reason)
+
+    assert refused == {"auth": ("unauthenticated", "ACCOUNT_DELETED"), "users": ("unauthenticated", "ACCOUNT_DELETED")}
     assert auth_emulator.lookup(user.uid).get("disabled") is True
+
+
+async def test_firebase_outage_during_delete_me_is_retried_in_background(auth_emulator, database_path, tmp_path):
+    """DeleteMe succeeds while Firebase is cut off; the UserDeleted consumer disables the account once it is back."""
+    forwarder = TcpForwarder("127.0.0.1", auth_emulator.port)
+    env = server_env(forwarder.address, database_path, ENABLED_SERVICES="auth,users")
+    user = auth_emulator.sign_up()
+    with run_server(env, tmp_path / "server.log") as server:
+        await get_me(server, user.id_token)
+
+        deleted = await delete_me(server, user.id_token)
+        disabled_during_outage = auth_emulator.lookup(user.uid).get("disabled")
+        await forwarder.open()
+        try:
+            deadline = time.monotonic() + DISABLE_RETRY_WAIT_SECONDS
+            while not auth_emulator.lookup(user.uid).get("disabled") and time.monotonic() < deadline:
+                await asyncio.sleep(0.2)
+        finally:
+            await forwarder.close()
+        log = server.log()
+
+    assert deleted.uid == user.uid
+    assert not disabled_during_outage
+    assert auth_emulator.lookup(user.uid).get("disabled") is True
+    assert "the users.disable_sign_in consumer retries" in log

@@ -65,7 +65,11 @@ class UserService(Protocol):
         """
         Deletes the caller's account: the profile is marked deleted, the Firebase
         user is disabled and `UserDeleted` is published so that other domains
-        remove the user's data. The caller's tokens are refused afterwards.
+        remove the user's data. The caller's tokens are refused afterwards by
+        every service, with `unauthenticated` and reason ACCOUNT_DELETED; a
+        second DeleteMe gets that reply too. When Firebase cannot be reached, the
+        deletion still succeeds and disabling the Firebase user is retried in the
+        background.
         """
         raise ConnectError(Code.UNIMPLEMENTED, 'Not implemented')
 
@@ -270,7 +274,11 @@ class UserServiceClient(ConnectClient):
         """
         Deletes the caller's account: the profile is marked deleted, the Firebase
         user is disabled and `UserDeleted` is published so that other domains
-        remove the user's data. The caller's tokens are refused afterwards.
+        remove the user's data. The caller's tokens are refused afterwards by
+        every service, with `unauthenticated` and reason ACCOUNT_DELETED; a
+        second DeleteMe gets that reply too. When Firebase cannot be reached, the
+        deletion still succeeds and disabling the Firebase user is retried in the
+        background.
         """
         return await self.execute_unary(
             request=request,
@@ -339,7 +347,11 @@ class UserServiceSync(Protocol):
         """
         Deletes the caller's account: the profile is marked deleted, the Firebase
         user is disabled and `UserDeleted` is published so that other domains
-        remove the user's data. The caller's tokens are refused afterwards.
+        remove the user's data. The caller's tokens are refused afterwards by
+        every service, with `unauthenticated` and reason ACCOUNT_DELETED; a
+        second DeleteMe gets that reply too. When Firebase cannot be reached, the
+        deletion still succeeds and disabling the Firebase user is retried in the
+        background.
         """
         raise ConnectError(Code.UNIMPLEMENTED, 'Not implemented')
 
@@ -542,7 +554,11 @@ class UserServiceClientSync(ConnectClientSync):
         """
         Deletes the caller's account: the profile is marked deleted, the Firebase
         user is disabled and `UserDeleted` is published so that other domains
-        remove the user's data. The caller's tokens are refused afterwards.
+        remove the user's data. The caller's tokens are refused afterwards by
+        every service, with `unauthenticated` and reason ACCOUNT_DELETED; a
+        second DeleteMe gets that reply too. When Firebase cannot be reached, the
+        deletion still succeeds and disabling the Firebase user is retried in the
+        background.
         """
         return self.execute_unary(
             request=request,
