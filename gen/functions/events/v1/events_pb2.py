@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import field_mask_pb2 as google_dot_protobuf_dot_field__mask__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n functions/events/v1/events.proto\x12\x13\x66unctions.events.v1\x1a google/protobuf/field_mask.proto\"\x1a\n\x0bUserCreated\x12\x0b\n\x03uid\x18\x01 \x01(\t\"_\n\x0bUserUpdated\x12\x0b\n\x03uid\x18\x01 \x01(\t\x12\x32\n\x0e\x63hanged_fields\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.FieldMask\x12\x0f\n\x07version\x18\x03 \x01(\x03\"\x1a\n\x0bUserDeleted\x12\x0b\n\x03uid\x18\x01 \x01(\tb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n functions/events/v1/events.proto\x12\x13\x66unctions.events.v1\x1a google/protobuf/field_mask.proto\"\x1a\n\x0bUserCreated\x12\x0b\n\x03uid\x18\x01 \x01(\t\"_\n\x0bUserUpdated\x12\x0b\n\x03uid\x18\x01 \x01(\t\x12\x32\n\x0e\x63hanged_fields\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.FieldMask\x12\x0f\n\x07version\x18\x03 \x01(\x03\"\x1a\n\x0bUserDeleted\x12\x0b\n\x03uid\x18\x01 \x01(\t\",\n\x0c\x46ileUploaded\x12\x0f\n\x07\x66ile_id\x18\x01 \x01(\t\x12\x0b\n\x03uid\x18\x02 \x01(\t\"+\n\x0b\x46ileDeleted\x12\x0f\n\x07\x66ile_id\x18\x01 \x01(\t\x12\x0b\n\x03uid\x18\x02 \x01(\tb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,4 +38,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_USERUPDATED']._serialized_end=214
   _globals['_USERDELETED']._serialized_start=216
   _globals['_USERDELETED']._serialized_end=242
+  _globals['_FILEUPLOADED']._serialized_start=244
+  _globals['_FILEUPLOADED']._serialized_end=288
+  _globals['_FILEDELETED']._serialized_start=290
+  _globals['_FILEDELETED']._serialized_end=333
 # @@protoc_insertion_point(module_scope)

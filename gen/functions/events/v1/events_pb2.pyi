@@ -27,3 +27,19 @@ class UserDeleted(_message.Message):
     UID_FIELD_NUMBER: _ClassVar[int]
     uid: str
     def __init__(self, uid: _Optional[str] = ...) -> None: ...
+
+class FileUploaded(_message.Message):
+    __slots__ = ("file_id", "uid")
+    FILE_ID_FIELD_NUMBER: _ClassVar[int]
+    UID_FIELD_NUMBER: _ClassVar[int]
+    file_id: str
+    uid: str
+    def __init__(self, file_id: _Optional[str] = ..., uid: _Optional[str] = ...) -> None: ...
+
+class FileDeleted(_message.Message):
+    __slots__ = ("file_id", "uid")
+    FILE_ID_FIELD_NUMBER: _ClassVar[int]
+    UID_FIELD_NUMBER: _ClassVar[int]
+    file_id: str
+    uid: str
+    def __init__(self, file_id: _Optional[str] = ..., uid: _Optional[str] = ...) -> None: ...
