@@ -1,0 +1,1 @@
+"""Files: uploads, signed downloads, processing and quotas."""
