@@ -32,6 +32,7 @@ from app.platform.observability import ObservabilityMiddleware, configure_observ
 from app.platform.overload import OverloadGuardMiddleware
 from app.platform.ratelimit import RateLimitMiddleware
 from app.platform.reflection import reflection_apps
+from app.platform.storage import ObjectStorage, create_storage
 from app.settings import Settings
 from app.users.access import deleted_account_checker
 
@@ -83,8 +84,13 @@ def build_verifier(
     return verifier, certificates
 
 
-def build_consumers(settings: Settings, firebase: FirebaseAdmin | None = None) -> list[Consumer]:
-    """Return the event consumers of every enabled domain."""
+def build_consumers(
+    settings: Settings, firebase: FirebaseAdmin | None = None, storage: ObjectStorage | None = None
+) -> list[Consumer]:
+    """Return the event consumers of every enabled domain.
+
+    The files consumers use `storage`, or a new adapter from the settings when it is None.
+    """
     consumers = []
     if "users" in settings.enabled_services and settings.has_firebase_accounts:
         from app.users.events import disable_sign_in_consumer
@@ -95,6 +101,10 @@ def build_consumers(settings: Settings, firebase: FirebaseAdmin | None = None) -
 
         consumers.append(welcome_consumer(process_hub))
         consumers.append(user_deleted_consumer())
+    if "files" in settings.enabled_services:
+        from app.files.events import file_consumers
+
+        consumers.extend(file_consumers(storage or create_storage(settings)))
     return consumers
 
 
@@ -104,6 +114,7 @@ def build_services(
     firebase: FirebaseAdmin,
     shutting_down: asyncio.Event,
     on_account_deleted: Callable[[str], None] | None = None,
+    storage: ObjectStorage | None = None,
 ) -> list:
     """Create the connectrpc application of every enabled domain.
 
@@ -139,6 +150,14 @@ def build_services(
 
         handler = NotificationHandler(database, process_hub, shutting_down)
         services.append(NotificationServiceASGIApplication(handler, **options))
+    if "files" in settings.enabled_services and storage is not None:
+        from functions.file.v1.file_connect import FileServiceASGIApplication
+
+        from app.files.handler import FileHandler
+        from app.files.logic import FileLimits, Files
+
+        files = Files(database, storage, FileLimits.from_settings(settings))
+        services.append(FileServiceASGIApplication(FileHandler(files), **options))
     return services
 
 
@@ -182,7 +201,9 @@ def create_app(settings: Settings | None = None) -> Starlette:
     configure_observability(settings, database)
     # EVENTS_ENGINE picks the relay: in-process by default, or pgmq queues shared by many processes.
     firebase = FirebaseAdmin.from_settings(settings)
-    relay = create_relay(settings, database, build_consumers(settings, firebase))
+    # One storage adapter serves the files service, its consumers and the upload sweeper.
+    storage = create_storage(settings) if "files" in settings.enabled_services else None
+    relay = create_relay(settings, database, build_consumers(settings, firebase, storage))
     # Every domain refuses the tokens of deleted accounts, wherever the users service runs.
     verifier, certificates = build_verifier(settings, firebase, deleted_account_checker(database))
 
@@ -196,7 +217,9 @@ def create_app(settings: Settings | None = None) -> Starlette:
 
     # Set when shutdown starts (see DrainingServer); every server stream ends on it.
     shutting_down = asyncio.Event()
-    services = build_services(settings, database, firebase, shutting_down, on_account_deleted=verifier.forget_user)
+    services = build_services(
+        settings, database, firebase, shutting_down, on_account_deleted=verifier.forget_user, storage=storage
+    )
     service_names = [app.path.strip("/") for app in services]
     health = HealthService(service_names, is_ready)
     health.shutting_down = shutting_down
@@ -217,14 +240,25 @@ def create_app(settings: Settings | None = None) -> Starlette:
             from app.notifications.events import process_hub
             from app.notifications.fanout import start_fanout
 
-            notification_fanout = await start_fanout(database, process_hub)
+            notification_fanout = await start_fanout(database, process_hub, listen_url=settings.database_listen_url)
+        upload_sweeper = None
+        if storage is not None and settings.events_relay_in_web:
+            from app.files.events import UploadSweeper
+            from app.files.logic import FileLimits, Files
+
+            upload_sweeper = UploadSweeper(Files(database, storage, FileLimits.from_settings(settings)))
+            upload_sweeper.start()
         log.info("serving %s", ", ".join(service_names), extra={"services": service_names})
         yield
         health.shutting_down.set()
         if notification_fanout is not None:
             await notification_fanout.stop()
+        if upload_sweeper is not None:
+            await upload_sweeper.stop()
         if settings.events_relay_in_web:
             await relay.stop()
+        if storage is not None:
+            await storage.aclose()
         if certificates is not None:
             await certificates.aclose()
         await database.dispose()
@@ -235,6 +269,8 @@ def create_app(settings: Settings | None = None) -> Starlette:
         Route("/healthz", healthz, methods=["GET", "HEAD"]),
         Route("/readyz", readyz_endpoint(is_ready), methods=["GET", "HEAD"]),
         *metrics_routes(settings),
+        # The local adapter serves its own signed download and upload URLs.
+        *(storage.routes() if storage is not None and settings.storage_backend == "local" else []),
         *(Mount(app.path, app) for app in rpc_apps),
     ]
     app = Starlette(routes=routes, middleware=platform_middleware(settings, verifier), lifespan=lifespan)

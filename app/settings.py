@@ -41,6 +41,11 @@ class Settings(BaseSettings):
     # Set for URLs through a transaction-mode pooler (PgBouncer, Supabase port 6543)
     # when the port alone does not tell; prepared-statement caches are then off.
     database_pooler: bool = False
+    # A direct or session-mode URL of the same Postgres database for the one LISTEN connection
+    # of live notification delivery, needed when DATABASE_URL goes through a transaction-mode
+    # pooler, where LISTEN does not work (Supabase: port 5432 instead of 6543). Empty means
+    # DATABASE_URL.
+    database_listen_url: str = ""
 
     firebase_project_id: str = DEV_PROJECT_ID
     # Empty means the local development key pair under dev_keys_dir.
@@ -129,6 +134,10 @@ class Settings(BaseSettings):
     def _check(self) -> Settings:
         if not self.database_url.startswith(("sqlite", "postgres")):
             raise ValueError(f"DATABASE_URL must be a sqlite or postgresql URL: got scheme {self.database_url.split(':')[0]!r}")
+        if self.database_listen_url and not self.database_listen_url.startswith("postgres"):
+            raise ValueError(
+                f"DATABASE_LISTEN_URL must be a postgresql URL: got scheme {self.database_listen_url.split(':')[0]!r}"
+            )
         unknown = sorted(set(self.enabled_services) - set(ALL_SERVICES))
         if unknown:
             raise ValueError(f"ENABLED_SERVICES has unknown services {unknown}: known are {list(ALL_SERVICES)}")

@@ -20,6 +20,8 @@ import asyncio
 import contextlib
 import logging
 
+from sqlalchemy.engine import URL, make_url
+
 from app.notifications import store
 from app.notifications.events import NOTIFY_CHANNEL, NotificationHub
 from app.platform.db import Database
@@ -39,12 +41,15 @@ FIRST_LISTEN_WAIT_SECONDS = 5.0
 class NotificationFanout:
     """The LISTEN connection of this process and the task that publishes what it announces to the hub."""
 
-    def __init__(self, database: Database, hub: NotificationHub, **listener_options: float) -> None:
+    def __init__(
+        self, database: Database, hub: NotificationHub, *, listen_url: URL | None = None, **listener_options: float
+    ) -> None:
+        """Create the fan-out; it LISTENs on `listen_url`, or on the database's own URL when None."""
         self._database = database
         self._hub = hub
         self._pending: asyncio.Queue[tuple[str, int]] = asyncio.Queue(maxsize=MAX_PENDING)
         self._listener = PostgresListener(
-            database.engine.url, NOTIFY_CHANNEL, self._announce,
+            listen_url or database.engine.url, NOTIFY_CHANNEL, self._announce,
             on_listening=self._interrupt_streams, on_lost=self._interrupt_streams, **listener_options,
         )
         self._worker: asyncio.Task[None] | None = None
@@ -123,22 +128,22 @@ class NotificationFanout:
                 self._hub.publish(notification)
 
 
-async def start_fanout(database: Database, hub: NotificationHub) -> NotificationFanout | None:
+async def start_fanout(database: Database, hub: NotificationHub, *, listen_url: str = "") -> NotificationFanout | None:
     """Start feeding `hub` from every instance's notifications on Postgres; return None where it does not apply.
 
-    SQLite needs no fan-out. Behind a transaction-mode pooler LISTEN does not work, so the hub
-    receives only this instance's notifications, and a WARNING is logged.
+    The fan-out LISTENs on `listen_url` (DATABASE_LISTEN_URL), else on the database's own URL.
+    SQLite needs no fan-out. Behind a transaction-mode pooler without `listen_url`, LISTEN does
+    not work, so the hub receives only this instance's notifications, and a WARNING is logged.
     """
     if database.engine.dialect.name != "postgresql":
         return None
-    if database.uses_pooler:
-        # TODO: take a direct or session-mode URL for the listener from a setting.
+    if database.uses_pooler and not listen_url:
         log.warning(
             "DATABASE_URL is a transaction-mode pooler, where LISTEN does not work: Subscribe streams "
-            "receive only notifications created through this instance. Cross-instance delivery needs "
-            "a direct or session-mode connection"
+            "receive only notifications created through this instance. Set DATABASE_LISTEN_URL to a "
+            "direct or session-mode URL of the same database for delivery across instances"
         )
         return None
-    fanout = NotificationFanout(database, hub)
+    fanout = NotificationFanout(database, hub, listen_url=make_url(listen_url) if listen_url else None)
     await fanout.start()
     return fanout

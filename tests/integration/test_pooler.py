@@ -23,6 +23,9 @@ import pytest
 from functions.user.v1 import user_pb2
 from sqlalchemy.engine import make_url
 
+from app.notifications import logic as notification_logic
+from app.notifications.events import NotificationHub
+from app.notifications.fanout import start_fanout
 from app.platform.context import Principal, principal_var
 from app.platform.db import UNAVAILABLE_MESSAGE, Database
 from app.platform.errors import Unavailable
@@ -308,3 +311,35 @@ async def test_database_outage_mid_flow_recovers(pooler: Pooler, tmp_path: Path)
     # The failed call left no event behind; the successful one recorded exactly one.
     assert created == 1
     assert unpublished == 0
+
+
+async def test_notifications_through_pooler_fan_out_with_listen_url(pooler: Pooler, postgres_url: str) -> None:
+    """Notifications stored through the pooler reach another instance's hub over DATABASE_LISTEN_URL."""
+    database = pooler_database(pooler.url(pooler_flag=True))
+    sender_hub, receiver_hub = NotificationHub(), NotificationHub()
+    fanouts = [await start_fanout(database, hub, listen_url=postgres_url) for hub in (sender_hub, receiver_hub)]
+    try:
+        subscription = receiver_hub.subscribe("pooled-listener")
+        async with database.unit_of_work() as session:
+            sent = await notification_logic.send_notification(session, sender_hub, "pooled-listener", "Through the pooler", "")
+
+        received = await asyncio.wait_for(subscription.queue.get(), 5.0)
+    finally:
+        for fanout in fanouts:
+            if fanout is not None:
+                await fanout.stop()
+        await database.dispose()
+
+    assert received == sent
+
+
+async def test_pooler_without_listen_url_warns_and_skips_fan_out(pooler: Pooler, caplog: pytest.LogCaptureFixture) -> None:
+    database = pooler_database(pooler.url(pooler_flag=True))
+    try:
+        with caplog.at_level(logging.WARNING):
+            fanout = await start_fanout(database, NotificationHub())
+    finally:
+        await database.dispose()
+
+    assert fanout is None
+    assert "Set DATABASE_LISTEN_URL" in caplog.text
