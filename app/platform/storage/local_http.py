@@ -173,12 +173,12 @@ def parse_range(header: str, size: int) -> tuple[int, int] | None:
         return max(size - suffix, 0), size - 1
 
     start = int(first)
-    end = int(last) if last else size - 1
-    if end < start:
+    if last and int(last) < start:
         return None
     if start >= size:
         raise UnsatisfiableRange(header)
-    return start, min(end, size - 1)
+    end = min(int(last), size - 1) if last else size - 1
+    return start, end
 
 
 def _etags(header: str) -> set[str]:
