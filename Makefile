@@ -12,7 +12,7 @@ PORT ?= 8080
 TEST_POSTGRES_URL ?= $(shell pg_isready -q -h 127.0.0.1 -p 5432 2>/dev/null && echo postgresql+asyncpg://postgres@127.0.0.1:5432/test)
 export TEST_POSTGRES_URL
 
-.PHONY: run test install generate lint-proto migrate bench bench-tools pgbouncer loadtest
+.PHONY: run test install generate lint-proto release-contracts migrate bench bench-tools pgbouncer loadtest
 
 install: $(INSTALLED) $(NODE_INSTALLED)
 
@@ -43,16 +43,18 @@ run: install
 	echo
 	$(BIN)/python -m app serve --port $(PORT)
 
-# Contracts must stay compatible with the previous commit's (BREAKING_BASE to compare with another).
-BREAKING_BASE ?= $(shell git rev-parse -q --verify HEAD~1 2>/dev/null)
+# Contracts must stay compatible with the released ones, kept as a buf image in
+# proto/baseline.binpb (`make release-contracts` replaces it after a release).
+BREAKING_AGAINST ?= proto/baseline.binpb
 
 test: install pgbouncer
 	node_modules/.bin/buf lint
-	@if [ -n "$(BREAKING_BASE)" ]; then \
-		echo "buf breaking --against $(BREAKING_BASE)"; \
-		node_modules/.bin/buf breaking --against '.git#ref=$(BREAKING_BASE)'; \
-	else echo "buf breaking: no earlier commit to compare with"; fi
+	node_modules/.bin/buf breaking --against $(BREAKING_AGAINST)
 	$(BIN)/python -m pytest
+
+# Record the current contracts as released: later changes are checked against them.
+release-contracts: $(NODE_INSTALLED)
+	node_modules/.bin/buf build -o proto/baseline.binpb
 
 generate: install
 	$(BIN)/python scripts/generate.py
