@@ -13,7 +13,9 @@ With EVENTS_ENGINE=pgmq, `PgmqEventRelay` runs two steps in each pass:
    `max_attempts` reads the event gets a `dead_letters` row and the message is archived.
 
 Queues need the pgmq SQL in the database: `create extension pgmq` on Supabase, or the
-`pgmq/sql/pgmq.sql` file of the pgmq package on plain PostgreSQL. SQLite has no pgmq.
+`pgmq/sql/pgmq.sql` file of the pgmq package on plain PostgreSQL. SQLite has no pgmq. Every
+process creates the queues of its consumers on its first pass, under an advisory lock so that
+processes starting together do not collide.
 """
 
 from __future__ import annotations
@@ -59,6 +61,10 @@ _READ = text(
 _DELETE = text("select pgmq.delete(cast(:queue as text), cast(:msg_id as bigint))")
 _ARCHIVE = text("select pgmq.archive(cast(:queue as text), cast(:msg_id as bigint))")
 _CREATE = text("select pgmq.create(cast(:queue as text))")
+# Key of the transaction-scoped advisory lock that every process takes before creating queues:
+# the first 8 bytes of SHA-256("functions.pgmq.create") as a signed 64-bit integer.
+QUEUE_CREATION_LOCK_KEY = int.from_bytes(hashlib.sha256(b"functions.pgmq.create").digest()[:8], "big", signed=True)
+_LOCK_QUEUE_CREATION = text("select pg_advisory_xact_lock(cast(:key as bigint))")
 
 
 def queue_name(consumer_name: str) -> str:
@@ -125,10 +131,20 @@ class PgmqEventRelay(EventRelay):
         self._queues_created = False
 
     async def create_queues(self) -> None:
-        """Create the queue of every consumer; queues that exist already are kept."""
-        # NOTE: pgmq.create skips a queue that exists, but two processes creating the same new
-        # queue at once may race inside it. The pass that fails is logged and retried by `run`.
+        """Create the queue of every consumer, keeping queues that exist already.
+
+        Safe while other processes create the same queues, because creators take turns under an advisory lock.
+        """
         async with self._database.unit_of_work() as session:
+            # The lock below only works under READ COMMITTED, where each statement reads the rows
+            # committed before it started, so the level is set here whatever the server default is.
+            await session.connection(execution_options={"isolation_level": "READ COMMITTED"})
+            # pgmq.create runs CREATE TABLE IF NOT EXISTS and inserts into pgmq.meta. When two
+            # sessions create the same new queue at once, both find no table and the second fails
+            # with a unique violation on pg_type or pg_class. pgmq 1.5.2 and later lock each queue
+            # inside pgmq.create, but older releases do not. Holding this lock until commit makes
+            # creators wait for each other, so the next one finds the tables and creates nothing.
+            await session.execute(_LOCK_QUEUE_CREATION, {"key": QUEUE_CREATION_LOCK_KEY})
             for queue in self._queues.values():
                 await session.execute(_CREATE, {"queue": queue})
         self._queues_created = True
