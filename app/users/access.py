@@ -1,10 +1,10 @@
-"""Refusing the ID tokens of deleted accounts in every domain, not only in the user domain.
+"""Rejecting the ID tokens of deleted accounts in every domain, not only in the user domain.
 
-Firebase keeps accepting an ID token until it expires, up to an hour, even after the account
-is disabled. The token verifier therefore asks `deleted_account_checker` about each new token
-and again about a cached one every minute (see FirebaseTokenVerifier's revocation_checker).
-DeleteMe drops the caller's cached tokens in the process that served it, so there the next call
-is refused at once; other processes refuse it within that minute.
+An ID token stays valid until it expires, up to an hour, even after its Firebase account is
+disabled. So the token verifier calls `deleted_account_checker` for each new token, and for a
+cached one again every minute (see FirebaseTokenVerifier's revocation_checker). DeleteMe drops
+the caller's cached tokens in the process that served it, so that process rejects the next call
+at once. Other processes reject it within that minute.
 """
 
 from __future__ import annotations
