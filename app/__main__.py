@@ -66,19 +66,64 @@ def worker(settings: Settings, args: argparse.Namespace) -> None:
 
     async def run() -> None:
         database = Database.from_settings(settings)
-        relay = create_relay(settings, database, build_consumers(settings))
+        storage = _files_storage(settings)
+        relay = create_relay(settings, database, build_consumers(settings, storage=storage))
+        upload_sweeper = _upload_sweeper(settings, database, storage)
         stopping = asyncio.Event()
         loop = asyncio.get_running_loop()
         for signal_number in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signal_number, stopping.set)
         relay.start()
+        if upload_sweeper is not None:
+            upload_sweeper.start()
         try:
             await stopping.wait()
         finally:
+            if upload_sweeper is not None:
+                await upload_sweeper.stop()
             await relay.stop()
+            if storage is not None:
+                await storage.aclose()
             await database.dispose()
 
     asyncio.run(run())
+
+
+def _files_storage(settings: Settings):
+    """Create the storage adapter when the files service is enabled, else return None."""
+    if "files" not in settings.enabled_services:
+        return None
+    from app.platform.storage import create_storage
+
+    return create_storage(settings)
+
+
+def _upload_sweeper(settings: Settings, database, storage):
+    """Build the sweeper of abandoned uploads when the files service is enabled, else return None."""
+    if storage is None:
+        return None
+    from app.files.events import UploadSweeper
+    from app.files.logic import FileLimits, Files
+
+    return UploadSweeper(Files(database, storage, FileLimits.from_settings(settings)))
+
+
+def sweep_uploads(settings: Settings, args: argparse.Namespace) -> None:
+    """Remove the pending uploads whose upload URL expired, with their stored objects, once."""
+    from app.files.logic import FileLimits, Files
+    from app.platform.db import Database
+    from app.platform.storage import create_storage
+
+    async def run() -> int:
+        database = Database.from_settings(settings)
+        storage = create_storage(settings)
+        try:
+            return await Files(database, storage, FileLimits.from_settings(settings)).sweep_abandoned_uploads()
+        finally:
+            await storage.aclose()
+            await database.dispose()
+
+    print(f"removed {asyncio.run(run())} abandoned uploads")
 
 
 def migrate(settings: Settings, args: argparse.Namespace) -> None:
@@ -140,6 +185,11 @@ def main(argv: list[str] | None = None) -> None:
 
     migrate_parser = commands.add_parser("migrate", help="apply pending database migrations")
     migrate_parser.set_defaults(run=migrate)
+
+    sweep_parser = commands.add_parser(
+        "sweep-uploads", help="remove pending file uploads whose upload URL expired, once (the worker does it every minute)"
+    )
+    sweep_parser.set_defaults(run=sweep_uploads)
 
     token_parser = commands.add_parser("dev-token", help="print a development ID token the dev server accepts")
     token_parser.add_argument("--uid", required=True, help="Firebase uid of the token's subject")

@@ -1,0 +1,160 @@
+"""Queries on the files table. Functions take the caller's session and never commit."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+
+from sqlalchemy import delete, func, insert, select, text, update
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from app.files.model import QUOTA_STATUSES, File, FileRow, FileStatus, file_from_row
+from app.platform.errors import NotFound
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    """The quota usage of one user: the number of charged files and their total size in bytes."""
+
+    count: int
+    bytes: int
+
+
+async def lock_user(session: AsyncSession, uid: str) -> None:
+    """Serialize quota checks of one user until the transaction ends; call it first in the transaction.
+
+    On Postgres this takes a transaction-scoped advisory lock on the uid, so two concurrent
+    reservations cannot both pass a quota that only one of them fits. SQLite allows one writer at
+    a time, so there an UPDATE that changes no row makes this transaction the writer before it
+    reads the usage. Reading first would let two transactions read the same usage, and the second
+    could then not write at all.
+    """
+    if session.get_bind().dialect.name == "postgresql":
+        # hashtext collisions only make two users' reservations wait for each other.
+        await session.execute(text("SELECT pg_advisory_xact_lock(hashtext('files:' || :uid))"), {"uid": uid})
+    else:
+        await session.execute(text("UPDATE files SET version = version WHERE 0 = 1"))
+
+
+async def get_usage(session: AsyncSession, uid: str, *, excluding: str | None = None) -> Usage:
+    """Count the files of `uid` that the quota charges, and sum their sizes, leaving out the file `excluding`."""
+    statement = select(func.count(), func.coalesce(func.sum(FileRow.size), 0)).where(
+        FileRow.uid == uid, FileRow.status.in_([status.value for status in QUOTA_STATUSES])
+    )
+    if excluding is not None:
+        statement = statement.where(FileRow.id != excluding)
+    count, total = (await session.execute(statement)).one()
+    return Usage(count=count, bytes=int(total))
+
+
+async def add_file(session: AsyncSession, file: File) -> None:
+    """Insert a new file."""
+    await session.execute(
+        insert(FileRow).values(
+            id=file.id,
+            uid=file.uid,
+            name=file.name,
+            content_type=file.content_type,
+            size=file.size,
+            sha256=file.sha256,
+            status=file.status.value,
+            failure_reason=file.failure_reason,
+            thumbnail_content_type=file.thumbnail_content_type,
+            version=file.version,
+            create_time=file.create_time,
+            update_time=file.update_time,
+            upload_expire_time=file.upload_expire_time,
+        )
+    )
+
+
+async def find_file(session: AsyncSession, file_id: str, *, for_update: bool = False) -> File | None:
+    """Return the file with this id, or None.
+
+    With `for_update`, Postgres locks the row until the transaction ends.
+    """
+    statement = select(FileRow).where(FileRow.id == file_id)
+    if for_update:
+        statement = statement.with_for_update()
+    row = (await session.execute(statement)).scalar_one_or_none()
+    return file_from_row(row) if row is not None else None
+
+
+async def get_file(session: AsyncSession, file_id: str, *, for_update: bool = False) -> File:
+    """Return the file with this id, or raise NotFound."""
+    file = await find_file(session, file_id, for_update=for_update)
+    if file is None:
+        raise NotFound(f"file {file_id} not found")
+    return file
+
+
+async def list_files(
+    session: AsyncSession,
+    uid: str,
+    *,
+    limit: int,
+    before_id: str | None = None,
+    content_type: str = "",
+    status: FileStatus | None = None,
+) -> list[File]:
+    """List at most `limit` files of `uid`, newest first, with ids below `before_id` when given."""
+    statement = select(FileRow).where(FileRow.uid == uid)
+    if before_id is not None:
+        statement = statement.where(FileRow.id < before_id)
+    if content_type:
+        statement = statement.where(FileRow.content_type == content_type)
+    if status is not None:
+        statement = statement.where(FileRow.status == status.value)
+    statement = statement.order_by(FileRow.id.desc()).limit(limit)
+    return [file_from_row(row) for row in (await session.execute(statement)).scalars()]
+
+
+async def update_file(session: AsyncSession, file: File, **values: object) -> File:
+    """Write `values` to the file's row, bump its version and return the updated file.
+
+    Raise NotFound when the row is gone.
+    """
+    statement = (
+        update(FileRow)
+        .where(FileRow.id == file.id)
+        .values(version=FileRow.version + 1, **values)
+        .returning(FileRow)
+        # The session may hold the row from an earlier read; the returned values must replace it.
+        .execution_options(synchronize_session=False, populate_existing=True)
+    )
+    row = (await session.execute(statement)).scalar_one_or_none()
+    if row is None:
+        raise NotFound(f"file {file.id} not found")
+    return file_from_row(row)
+
+
+async def remove_file(session: AsyncSession, file_id: str, *, status: FileStatus | None = None) -> bool:
+    """Delete the file's row, only while it has `status` when given; return whether a row was deleted."""
+    statement = delete(FileRow).where(FileRow.id == file_id)
+    if status is not None:
+        statement = statement.where(FileRow.status == status.value)
+    result = await session.execute(statement)
+    return result.rowcount > 0
+
+
+async def list_expired_uploads(session: AsyncSession, now: datetime, *, limit: int) -> list[File]:
+    """List at most `limit` pending files whose upload expired before `now`, oldest expiry first."""
+    statement = (
+        select(FileRow)
+        .where(FileRow.status == FileStatus.PENDING.value, FileRow.upload_expire_time < now)
+        .order_by(FileRow.upload_expire_time)
+        .limit(limit)
+    )
+    return [file_from_row(row) for row in (await session.execute(statement)).scalars()]
+
+
+async def list_user_file_ids(session: AsyncSession, uid: str) -> list[str]:
+    """Return the ids of every file of `uid`."""
+    statement = select(FileRow.id).where(FileRow.uid == uid)
+    return list((await session.execute(statement)).scalars())
+
+
+async def remove_user_files(session: AsyncSession, uid: str) -> int:
+    """Delete every file row of a user and return how many there were."""
+    result = await session.execute(delete(FileRow).where(FileRow.uid == uid))
+    return result.rowcount
