@@ -18,6 +18,7 @@ import httpx
 from pydantic import ValidationError
 from storage3 import AsyncStorageClient
 from storage3.exceptions import StorageApiError
+from storage3.types import CreateSignedUploadUrlOptions
 from storage3.utils import StorageException
 
 from app.platform.storage.keys import check_content_type, check_key
@@ -61,6 +62,10 @@ class SupabaseStorage:
         Args:
             timeout_seconds: limit of each call as a whole, and of each connect, read and write.
         """
+        if not url.startswith(("http://", "https://")):
+            raise ValueError(f"SUPABASE_URL must be an http:// or https:// URL: got {url!r}")
+        if not service_key or service_key != service_key.strip():
+            raise ValueError("SUPABASE_SERVICE_KEY must be set, without blanks around it")
         self.storage_url = url.rstrip("/") + "/storage/v1/"
         self.bucket_name = bucket
         self.timeout_seconds = timeout_seconds
@@ -155,7 +160,7 @@ class SupabaseStorage:
     async def signed_upload_url(
         self, key: str, *, expires_in_seconds: int, content_type: str, max_bytes: int
     ) -> str:
-        """Return a URL that takes one PUT of the object's bytes.
+        """Return a URL that takes one PUT of the object's bytes, replacing any object under the key.
 
         NOTE: Supabase signs only the path. It does not bind `content_type` or `max_bytes` (the
         bucket's own limits apply) and keeps the URL valid for two hours whatever
@@ -163,7 +168,9 @@ class SupabaseStorage:
         """
         check_key(key)
         check_content_type(content_type)
-        reply = await self._call("sign upload", key, lambda: self._bucket.create_signed_upload_url(key))
+        # Replace any object under the key on upload, as put() and the local adapter do.
+        options = CreateSignedUploadUrlOptions(upsert="true")
+        reply = await self._call("sign upload", key, lambda: self._bucket.create_signed_upload_url(key, options))
         return _absolute_url(reply.get("signed_url"), key)
 
     async def aclose(self) -> None:
@@ -179,8 +186,11 @@ class SupabaseStorage:
             raise _translate(error, operation, key) from error
         except (TimeoutError, httpx.TimeoutException) as error:
             raise StorageUnavailable(f"Supabase Storage {operation} of {key!r} timed out after {self.timeout_seconds} s") from error
-        except httpx.HTTPError as error:
+        except (httpx.NetworkError, httpx.RemoteProtocolError, httpx.ProxyError) as error:
             raise StorageUnavailable(f"Supabase Storage {operation} of {key!r} failed: {type(error).__name__}") from error
+        except (httpx.HTTPError, httpx.InvalidURL) as error:
+            # A request this client could not even send, such as a bad URL or header: no retry helps.
+            raise StorageError(f"Supabase Storage {operation} of {key!r} could not be sent: {type(error).__name__}") from error
         except (StorageException, ValidationError, ValueError, KeyError, TypeError) as error:
             raise StorageError(f"Supabase Storage {operation} of {key!r} returned an unexpected reply: {type(error).__name__}") from error
 
