@@ -81,6 +81,9 @@ class Settings(BaseSettings):
     # "pgmq" sends them through one pgmq queue per consumer so several workers share them.
     # pgmq needs PostgreSQL with the pgmq extension or SQL installed.
     events_engine: Literal["inprocess", "pgmq"] = "inprocess"
+    # With pgmq: how long a message read by a worker stays hidden from the others. A crashed
+    # worker's messages come back after this long, so keep it above the slowest consumer's run.
+    events_visibility_timeout_seconds: int = Field(default=30, ge=1, le=3600)
 
     # Where file bytes live: "local" keeps them under storage_local_dir and the app serves its own
     # signed URLs; "supabase" keeps them in a Supabase Storage bucket.

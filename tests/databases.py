@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib.util
 import os
 import secrets
 from collections.abc import Iterator
@@ -75,3 +76,27 @@ def database_url(backend: str, directory: Path) -> Iterator[str]:
         return
     with postgres_database() as url:
         yield url
+
+
+def pgmq_sql_path() -> Path:
+    """Locate pgmq/sql/pgmq.sql in the installed pgmq package without importing it."""
+    spec = importlib.util.find_spec("pgmq")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("the pgmq package is not installed: pip install pgmq==1.1.4")
+    return Path(next(iter(spec.submodule_search_locations))) / "sql" / "pgmq.sql"
+
+
+async def load_pgmq_sql(database_url: str) -> None:
+    """Load the SQL of the pgmq package into the Postgres database at `database_url`."""
+    url = make_url(database_url)
+    connection = await asyncpg.connect(
+        host=url.host or "127.0.0.1",
+        port=url.port or 5432,
+        user=url.username or "postgres",
+        password=url.password,
+        database=url.database,
+    )
+    try:
+        await connection.execute(pgmq_sql_path().read_text())
+    finally:
+        await connection.close()

@@ -95,7 +95,7 @@ def create_relay(settings: Settings, database: Database, consumers: Sequence[Con
     """Create the relay of the configured EVENTS_ENGINE, or raise ValueError when the database cannot run it."""
     check_events_engine(settings)
     if settings.events_engine == "pgmq":
-        return PgmqEventRelay(database, consumers)
+        return PgmqEventRelay(database, consumers, visibility_timeout_seconds=settings.events_visibility_timeout_seconds)
     return EventRelay(database, consumers)
 
 

@@ -8,51 +8,31 @@ extension. Visibility timeouts are 1 second so that retries come back fast.
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import os
 import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
-import asyncpg
 import pytest
 from functions.events.v1 import events_pb2
 from sqlalchemy import select, text
-from sqlalchemy.engine import make_url
 
 from app.platform.db import Database, migrate
 from app.platform.events import Consumer, DeadLetterRow, Event, OutboxEventRow, ProcessedEventRow, record_event
 from app.platform.pgmq_engine import PgmqEventRelay, check_events_engine, create_relay, queue_name
-from tests.databases import POSTGRES_MISSING, POSTGRES_URL_VARIABLE, create_postgres_database, drop_postgres_database
+from tests.databases import (
+    POSTGRES_MISSING,
+    POSTGRES_URL_VARIABLE,
+    create_postgres_database,
+    drop_postgres_database,
+    load_pgmq_sql,
+)
 from tests.integration.factories import settings_for
 
 pytestmark = pytest.mark.skipif(not os.environ.get(POSTGRES_URL_VARIABLE), reason=f"pgmq runs on Postgres only: {POSTGRES_MISSING}")
 
 DEADLINE_SECONDS = 15.0
 VISIBILITY_TIMEOUT_SECONDS = 1
-
-
-def pgmq_sql_path() -> Path:
-    """Locate pgmq/sql/pgmq.sql in the installed pgmq package without importing it."""
-    spec = importlib.util.find_spec("pgmq")
-    if spec is None or not spec.submodule_search_locations:
-        pytest.skip("the pgmq package is not installed: pip install pgmq==1.1.4")
-    return Path(next(iter(spec.submodule_search_locations))) / "sql" / "pgmq.sql"
-
-
-async def load_pgmq_sql(database_url: str) -> None:
-    url = make_url(database_url)
-    connection = await asyncpg.connect(
-        host=url.host or "127.0.0.1",
-        port=url.port or 5432,
-        user=url.username or "postgres",
-        password=url.password,
-        database=url.database,
-    )
-    try:
-        await connection.execute(pgmq_sql_path().read_text())
-    finally:
-        await connection.close()
 
 
 @pytest.fixture(scope="module")

@@ -22,8 +22,13 @@ from sqlalchemy.engine import make_url
 from app.platform.db import Database
 from app.platform.events import Consumer, Event
 from app.platform.pgmq_engine import QUEUE_CREATION_LOCK_KEY, PgmqEventRelay, queue_name
-from tests.databases import POSTGRES_MISSING, POSTGRES_URL_VARIABLE, create_postgres_database, drop_postgres_database
-from tests.integration.events.test_pgmq import load_pgmq_sql
+from tests.databases import (
+    POSTGRES_MISSING,
+    POSTGRES_URL_VARIABLE,
+    create_postgres_database,
+    drop_postgres_database,
+    load_pgmq_sql,
+)
 from tests.integration.factories import settings_for
 
 pytestmark = [
