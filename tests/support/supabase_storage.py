@@ -17,15 +17,18 @@ Storage API that storage3 2.34 calls, with these behaviours as observed against 
 
 Errors come back as HTTP 400 with a string statusCode in the JSON body ("404" NoSuchKey,
 "409" KeyAlreadyExists, "415" InvalidMimeType, "413" EntityTooLarge). A multipart upload takes
-the file part's content type, which storage3 sets to text/plain;charset=UTF-8 unless told
-otherwise. An expired or forged token on a signed GET reads as "Bucket not found". Every other
+the file part's content type, which storage3 sets to text/plain;charset=UTF-8 unless the caller
+passes one. An expired or forged token on a signed GET reads as "Bucket not found". Every other
 route needs the service key as `Authorization: Bearer` and as `apikey`.
 
 Tests steer it with `fail_next` (503, a hang past the client's timeout, or a connection closed
 mid-reply), `restrict_bucket` (allowed MIME types, size limit) and read `requests`.
 
     with run_supabase_storage() as storage:
-        env = storage.env()   # SUPABASE_URL, SUPABASE_SERVICE_KEY, SUPABASE_STORAGE_BUCKET
+        env = storage.env()   # STORAGE_BACKEND, SUPABASE_URL, SUPABASE_SERVICE_KEY, SUPABASE_STORAGE_BUCKET
+
+or, in a conftest.py, `from tests.support.supabase_storage import supabase_storage_standin` for a
+session fixture (call `reset()` between tests that must not see each other's objects).
 """
 
 from __future__ import annotations
@@ -47,6 +50,7 @@ from typing import Literal
 from urllib.parse import quote
 
 import jwt
+import pytest
 import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -405,7 +409,7 @@ class SupabaseStorageStandIn:
     def _check_service_key(self, request: Request) -> Response | None:
         self._record(request)
         if request.headers.get("apikey") is None:
-            # The API gateway rejects a request without an API key before Storage sees it.
+            # The API gateway rejects a request without an API key before it reaches Storage.
             return JSONResponse({"message": "No API key found in request"}, status_code=401)
         if request.headers.get("apikey") != self.service_key:
             return JSONResponse({"message": "Invalid API key"}, status_code=401)
@@ -536,3 +540,10 @@ def run_supabase_storage(*, service_key: str | None = None, bucket: str = "files
         standin.release_hangs()
         server.should_exit = True
         thread.join(10)
+
+
+@pytest.fixture(scope="session")
+def supabase_storage_standin() -> Iterator[SupabaseStorageStandIn]:
+    """The stand-in, served for the whole test session."""
+    with run_supabase_storage() as standin:
+        yield standin

@@ -38,7 +38,7 @@ OBJECTS_DIR = "objects"
 OBJECT_SUFFIX = "~object"
 TEMPORARY_MARK = "~tmp."
 HEADER_BYTES = 1024
-# Path of the routes that serve signed URLs; the object key follows it.
+# Path prefix of the routes that serve signed URLs. The object key follows it.
 URL_PATH_PREFIX = "/storage/v1/local/"
 COPY_CHUNK_BYTES = 64 * 1024
 
@@ -60,7 +60,7 @@ class LocalStorage:
 
         Args:
             public_base_url: scheme, host and port that clients reach this app at.
-            signing_key: the URL signing key; empty means a random key kept under `root`.
+            signing_key: the URL signing key. Empty means a random key kept under `root`.
         """
         root.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.root = root.resolve()
@@ -95,7 +95,7 @@ class LocalStorage:
         return await asyncio.to_thread(self._read_info, key)
 
     async def delete(self, keys: Sequence[str]) -> None:
-        """Remove the objects; keys with no object are ignored."""
+        """Remove the objects, ignoring keys with no object."""
         for key in keys:
             check_key(key)
         await asyncio.to_thread(self._remove, list(keys))
@@ -122,7 +122,7 @@ class LocalStorage:
     ) -> str:
         """Return a URL that takes one PUT of at most `max_bytes` of `content_type` until it expires.
 
-        The PUT must send the same Content-Type; it replaces any object under the key.
+        The PUT must send the same Content-Type, and it replaces any object under the key.
         """
         check_key(key)
         check_content_type(content_type)
@@ -134,7 +134,7 @@ class LocalStorage:
         return f"{self.public_base_url}{URL_PATH_PREFIX}{key}?{query}"
 
     async def aclose(self) -> None:
-        """Release nothing: every call opens and closes its own files."""
+        """Release nothing, because every call opens and closes its own files."""
 
     def routes(self) -> list:
         """Return the Starlette routes that serve this store's signed URLs, under URL_PATH_PREFIX."""
@@ -157,7 +157,7 @@ class LocalStorage:
         return resolved
 
     def open_object(self, key: str) -> StoredObject:
-        """Open the object file and read its header; the caller closes the file."""
+        """Open the object file and read its header. The caller closes the file."""
         path = self.object_path(key)
         try:
             file = path.open("rb")

@@ -3,10 +3,11 @@
     GET|HEAD /storage/v1/local/<key>?expires=&name=&disposition=&signature=
     PUT      /storage/v1/local/<key>?expires=&content_type=&max_bytes=&signature=
 
-The signature is the credential, so these routes need no Authorization header. Failures reply
-with a small JSON body such as {"error": "expired"}, never with a stack trace:
+The signature is the credential, so these routes need no Authorization header. A failure gets a
+small JSON body such as {"error": "expired"} and never a stack trace. The statuses are
 400 invalid key, 403 missing, invalid or expired signature, 404 no object, 413 body over
-max_bytes, 415 Content-Type other than the signed one, 416 unsatisfiable Range.
+max_bytes, 415 Content-Type other than the signed one, 416 unsatisfiable Range, and 500
+(logged) for anything unexpected.
 """
 
 from __future__ import annotations
@@ -142,7 +143,7 @@ async def _file_chunks(stored: StoredObject, start: int, length: int) -> AsyncIt
         while length > 0:
             chunk = await asyncio.to_thread(file.read, min(COPY_CHUNK_BYTES, length))
             if not chunk:
-                # The file is shorter than its header says; end the reply short rather than pad it.
+                # The file is shorter than its header records, so end the reply short rather than pad it.
                 log.error("object file is shorter than its header", extra={"key": stored.info.key})
                 return
             length -= len(chunk)
@@ -254,7 +255,7 @@ def content_disposition(file_name: str, *, inline: bool) -> str:
 
 
 def _clean_file_name(file_name: str) -> str:
-    # A file name is not a path, so separators become "_"; controls and bidi marks are dropped.
+    # A file name is not a path, so separators become "_". Controls and bidi marks are dropped.
     characters = []
     for character in file_name:
         if character in "/\\":
@@ -274,8 +275,8 @@ def _clean_file_name(file_name: str) -> str:
 
 
 def _ascii_fallback(name: str) -> str:
-    # Accents drop to their base letter; anything else outside printable ASCII, and the
-    # characters that quoted-string or some browsers treat specially, become "_".
+    # Accents drop to their base letter. Anything else outside printable ASCII becomes "_", and so
+    # do the characters that quoted-string or some browsers treat specially.
     decomposed = unicodedata.normalize("NFKD", name)
     characters = []
     for character in decomposed:

@@ -1,10 +1,10 @@
 """The Supabase Storage adapter, through storage3's async client.
 
-Supabase Storage (v1.11, with storage3 2.34) reports most errors as HTTP 400 with the real status
-as a string `statusCode` in the JSON body: "404" for a missing object, "409" for an existing key,
-"413" for a body over the bucket's limit and "415" for a MIME type the bucket does not allow.
-storage3 raises those as StorageApiError and lets httpx's transport errors through, and this
-adapter turns every one of them into the port's StorageError subclasses.
+Supabase Storage (v1.11, with storage3 2.34) returns most errors as HTTP 400 with the real status
+as a string `statusCode` in the JSON body. "404" means a missing object, "409" an existing key,
+"413" a body over the bucket's limit and "415" a MIME type that the bucket does not allow.
+storage3 raises those as StorageApiError and lets httpx's transport errors through. This adapter
+turns every one of them into the port's StorageError subclasses.
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ DEFAULT_TIMEOUT_SECONDS = 10.0
 # Objects are served with this Cache-Control max-age; signed URLs bound how long anyone may fetch.
 CACHE_CONTROL_SECONDS = "3600"
 LIST_PAGE_SIZE = 1000
+LIST_CONCURRENCY = 8
 # Storage's DELETE takes a bounded list of names per call.
 DELETE_BATCH_SIZE = 1000
 # statusCode values of the error body that a retry may fix.
@@ -70,7 +71,7 @@ class SupabaseStorage:
         self.bucket_name = bucket
         self.timeout_seconds = timeout_seconds
         self._http = httpx.AsyncClient(timeout=httpx.Timeout(timeout_seconds), follow_redirects=False)
-        # storage3 sends these headers on every call; the API gateway reads apikey, Storage the Bearer token.
+        # storage3 sends these headers on every call. The API gateway checks apikey, and Storage the Bearer token.
         headers = {"apikey": service_key, "Authorization": f"Bearer {service_key}"}
         self._client = AsyncStorageClient(self.storage_url, headers, http_client=self._http)
         self._bucket = self._client.from_(bucket)
@@ -99,13 +100,18 @@ class SupabaseStorage:
         """Return the size and content type of the object, or raise ObjectNotFound."""
         check_key(key)
         reply = await self._call("info", key, lambda: self._bucket.info(key))
-        try:
-            return ObjectInfo(key=key, size=int(reply["size"]), content_type=str(reply["content_type"]))
-        except (KeyError, TypeError, ValueError) as error:
-            raise StorageError(f"object info of {key!r} lacks size or content_type: got fields {sorted(reply)}") from error
+        if not isinstance(reply, dict):
+            raise StorageError(f"object info of {key!r} is {type(reply).__name__}, not a JSON object")
+        # The info route returns size and content_type, and the object's metadata contains them too.
+        metadata = reply.get("metadata") if isinstance(reply.get("metadata"), dict) else {}
+        size = reply.get("size", metadata.get("size"))
+        content_type = reply.get("content_type") or metadata.get("mimetype")
+        if not isinstance(size, int) or not isinstance(content_type, str):
+            raise StorageError(f"object info of {key!r} lacks size or content_type: got fields {sorted(reply)}")
+        return ObjectInfo(key=key, size=size, content_type=content_type)
 
     async def delete(self, keys: Sequence[str]) -> None:
-        """Remove the objects; keys with no object are ignored."""
+        """Remove the objects, ignoring keys with no object."""
         names = [check_key(key) for key in keys]
         for start in range(0, len(names), DELETE_BATCH_SIZE):
             batch = names[start : start + DELETE_BATCH_SIZE]
@@ -115,21 +121,34 @@ class SupabaseStorage:
         """Return every key that starts with `prefix` followed by "/", sorted.
 
         Storage lists one folder level per call, and a name that is both an object and a folder
-        may come back as one entry, so every entry is also listed as a folder.
+        may come back as one entry, so every entry is also listed as a folder: one call per
+        object and folder below the prefix, LIST_CONCURRENCY at a time.
         """
         check_key(prefix)
         keys: list[str] = []
-        folders = [prefix]
-        while folders:
-            folder = folders.pop()
-            for entry in await self._list_folder(folder):
-                name = entry.get("name")
-                if not isinstance(name, str) or not name:
-                    continue
-                path = f"{folder}/{name}"
-                if entry.get("id") is not None:
-                    keys.append(path)
-                folders.append(path)
+        limiter = asyncio.Semaphore(LIST_CONCURRENCY)
+
+        async def list_folder(folder: str) -> tuple[str, list[dict]]:
+            async with limiter:
+                return folder, await self._list_folder(folder)
+
+        level = [prefix]
+        while level:
+            # return_exceptions lets every call finish before the first failure is raised.
+            results = await asyncio.gather(*(list_folder(folder) for folder in level), return_exceptions=True)
+            level = []
+            for result in results:
+                if isinstance(result, BaseException):
+                    raise result
+                folder, entries = result
+                for entry in entries:
+                    name = entry.get("name")
+                    if not isinstance(name, str) or not name:
+                        continue
+                    path = f"{folder}/{name}"
+                    if entry.get("id") is not None:
+                        keys.append(path)
+                    level.append(path)
         return sorted(keys)
 
     async def _list_folder(self, folder: str) -> list[dict]:
@@ -162,9 +181,9 @@ class SupabaseStorage:
     ) -> str:
         """Return a URL that takes one PUT of the object's bytes, replacing any object under the key.
 
-        NOTE: Supabase signs only the path. It does not bind `content_type` or `max_bytes` (the
-        bucket's own limits apply) and keeps the URL valid for two hours whatever
-        `expires_in_seconds` says, so the caller must check the size and type of what arrived.
+        NOTE: Supabase signs only the path. It does not bind `content_type` or `max_bytes`, because
+        only the bucket's own limits apply, and the URL stays valid for two hours whatever
+        `expires_in_seconds` is. The caller must check the size and type of what arrived.
         """
         check_key(key)
         check_content_type(content_type)
@@ -196,12 +215,12 @@ class SupabaseStorage:
 
 
 def _translate(error: StorageApiError, operation: str, key: str) -> StorageError:
-    """Return the port error for a Storage error body; its statusCode is a string, the HTTP status 400."""
+    """Return the port error for a Storage error body, whose statusCode is a string (the HTTP status is 400)."""
     status = str(error.status)
     code = str(error.code)
     message = f"Supabase Storage {operation} of {key!r} failed: {status} {code}: {error.message}"
     if status == "404":
-        # A wrong bucket also says "404"; it is a configuration error, not a missing object.
+        # A wrong bucket also comes back as "404", but it is a configuration error, not a missing object.
         if "bucket" in f"{code} {error.message}".lower():
             return StorageError(message)
         return ObjectNotFound(message)
