@@ -108,8 +108,8 @@ class LocalStorage:
     async def signed_download_url(
         self, key: str, *, expires_in_seconds: int, file_name: str, inline: bool
     ) -> str:
-        """Return a URL that serves the object with GET or HEAD until it expires."""
-        check_key(key)
+        """Return a URL that serves the object with GET or HEAD until it expires, or raise ObjectNotFound."""
+        await self.info(key)
         expires = int(time.time()) + expires_in_seconds
         name = to_valid_unicode(file_name)
         disposition = "inline" if inline else "attachment"

@@ -3,6 +3,8 @@
 Keys are chosen by the server (`<uid>/<file id>` and derived keys below it), never by users.
 Adapters raise the StorageError subclasses below and nothing else, so the files domain can map
 every storage failure to a Connect code; an adapter's own exceptions never reach a caller.
+A key that breaks the key rules of app.platform.storage.keys raises InvalidKey, a StorageError
+that is also a ValueError.
 """
 
 from __future__ import annotations
@@ -61,22 +63,27 @@ class ObjectStorage(Protocol):
         ...
 
     async def list_keys(self, prefix: str) -> list[str]:
-        """Return every key that starts with `prefix` followed by "/"."""
+        """Return every key that starts with `prefix` followed by "/", sorted."""
         ...
 
     async def signed_download_url(
         self, key: str, *, expires_in_seconds: int, file_name: str, inline: bool
     ) -> str:
-        """Return a URL that serves the object without credentials until it expires.
+        """Return an absolute URL that serves the object without credentials until it expires.
 
-        The reply names `file_name` in Content-Disposition, inline or as an attachment.
+        The reply names `file_name` in Content-Disposition, inline or as an attachment. Raises
+        ObjectNotFound when no object has the key.
         """
         ...
 
     async def signed_upload_url(
         self, key: str, *, expires_in_seconds: int, content_type: str, max_bytes: int
     ) -> str:
-        """Return a URL that takes one PUT of the object's bytes until it expires."""
+        """Return an absolute URL that takes one PUT of the object's bytes until it expires.
+
+        The PUT sends the bytes as the body with `content_type` as its Content-Type, and it
+        replaces any object under the key.
+        """
         ...
 
     async def aclose(self) -> None:

@@ -126,6 +126,11 @@ async def test_signed_download_url_serves_object(storage) -> None:
     assert reply.headers["content-type"] == "image/png"
 
 
+async def test_download_url_of_missing_key_raises(storage) -> None:
+    with pytest.raises(ObjectNotFound):
+        await storage.signed_download_url(f"{new_uid()}/missing", expires_in_seconds=60, file_name="a", inline=True)
+
+
 async def test_signed_download_url_serves_range(storage) -> None:
     key = f"{new_uid()}/file-1"
     await storage.put(key, b"0123456789", content_type="text/plain")

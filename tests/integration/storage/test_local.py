@@ -167,6 +167,7 @@ def test_create_storage_picks_local_by_default(tmp_path: Path) -> None:
 
 async def test_urls_use_public_base_url(tmp_path: Path) -> None:
     storage = LocalStorage(tmp_path, public_base_url="https://files.example.com/")
+    await storage.put("u/f", b"x", content_type="text/plain")
 
     url = await storage.signed_download_url("u/f", expires_in_seconds=60, file_name="a.txt", inline=True)
 
@@ -294,8 +295,9 @@ async def test_large_object_streams_whole(local_storage: LocalStorage) -> None:
     assert tail.content == data[-100_000:]
 
 
-async def test_unknown_object_returns_404(local_storage: LocalStorage) -> None:
-    url = await local_storage.signed_download_url(new_key(), expires_in_seconds=60, file_name="a", inline=True)
+async def test_deleted_object_returns_404(local_storage: LocalStorage) -> None:
+    key, url = await stored_download_url(local_storage)
+    await local_storage.delete([key])
 
     async with httpx.AsyncClient() as client:
         reply = await client.get(url)
