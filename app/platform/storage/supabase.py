@@ -123,6 +123,10 @@ class SupabaseStorage:
         Storage lists one folder level per call, and a name that is both an object and a folder
         may come back as one entry, so every entry is also listed as a folder: one call per
         object and folder below the prefix, LIST_CONCURRENCY at a time.
+
+        NOTE: if Storage matches the prefix with SQL ILIKE (case-insensitive, "_" a wildcard), a
+        returned key may belong to a similar prefix and not exist. Deleting it is then a no-op,
+        and reading it raises ObjectNotFound. The stand-in in the tests matches exactly.
         """
         check_key(prefix)
         keys: list[str] = []

@@ -8,6 +8,8 @@ import os
 import re
 import secrets
 import stat
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -24,7 +26,7 @@ from app.platform.storage.local import LocalStorage
 from app.platform.storage.local_http import content_disposition
 from app.platform.storage.signing import SIGNING_KEY_FILE, load_or_create_signing_key
 from app.settings import Settings
-from tests.servers import serve_in_thread
+from tests.servers import ROOT, serve_in_thread
 
 
 # RFC 6266: a quoted ASCII fallback without quotes or backslashes, then the RFC 5987 ext-value.
@@ -131,6 +133,26 @@ def test_processes_starting_together_share_key(tmp_path: Path) -> None:
     assert len(keys) == 8
     assert len(set(keys)) == 1
     assert [entry.name for entry in path.parent.iterdir()] == [SIGNING_KEY_FILE]
+
+
+def test_separate_processes_create_one_key(tmp_path: Path) -> None:
+    directory = tmp_path / "shared"
+    script = (
+        "import sys, time; from pathlib import Path\n"
+        "from app.platform.storage.signing import signing_key_from\n"
+        "time.sleep(max(0.0, float(sys.argv[2]) - time.time()))\n"
+        "print(signing_key_from('', Path(sys.argv[1])).hex())\n"
+    )
+    start_at = str(time.time() + 1.0)
+    processes = [
+        subprocess.Popen([sys.executable, "-c", script, str(directory), start_at], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+        for _ in range(4)
+    ]
+    outputs = [process.communicate(timeout=60)[0].strip() for process in processes]
+
+    assert all(process.returncode == 0 for process in processes)
+    assert len(set(outputs)) == 1
+    assert bytes.fromhex(outputs[0]) == (directory / SIGNING_KEY_FILE).read_bytes()
 
 
 async def test_second_store_on_same_directory_accepts_urls(local_storage: LocalStorage, local_server) -> None:
@@ -293,6 +315,22 @@ async def test_large_object_streams_whole(local_storage: LocalStorage) -> None:
 
     assert whole.content == data
     assert tail.content == data[-100_000:]
+
+
+async def test_download_in_progress_survives_replacement(local_storage: LocalStorage) -> None:
+    # Several times a typical loopback socket buffer, so the server is likely still reading the file.
+    old = os.urandom(16 * 1024 * 1024)
+    key, url = await stored_download_url(local_storage, data=old, content_type="application/octet-stream")
+
+    async with httpx.AsyncClient() as client, client.stream("GET", url) as reply:
+        chunks = reply.aiter_raw()
+        received = bytearray(await anext(chunks))
+        await local_storage.put(key, b"new version", content_type="text/plain")
+        async for chunk in chunks:
+            received += chunk
+
+    assert bytes(received) == old
+    assert await local_storage.get(key) == b"new version"
 
 
 async def test_deleted_object_returns_404(local_storage: LocalStorage) -> None:

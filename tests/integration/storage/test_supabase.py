@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import secrets
 import time
-from pathlib import Path
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import httpx
@@ -292,7 +291,7 @@ def test_bad_configuration_is_rejected_at_start(url: str, service_key: str) -> N
         SupabaseStorage(url=url, service_key=service_key, bucket="files")
 
 
-def test_create_storage_picks_supabase(tmp_path: Path, supabase_standin: SupabaseStorageStandIn) -> None:
+async def test_create_storage_picks_supabase(supabase_standin: SupabaseStorageStandIn) -> None:
     env = supabase_standin.env()
     settings = Settings(
         storage_backend=env["STORAGE_BACKEND"],
@@ -302,6 +301,7 @@ def test_create_storage_picks_supabase(tmp_path: Path, supabase_standin: Supabas
     )
 
     storage = create_storage(settings)
+    await storage.aclose()
 
     assert isinstance(storage, SupabaseStorage)
     assert storage.storage_url == f"{supabase_standin.url}/storage/v1/"
