@@ -133,23 +133,38 @@ def _object_response(request: Request, stored: StoredObject, file_name: str, inl
     if request.method == "HEAD":
         stored.file.close()
         return Response(status_code=status, headers=headers)
-    return StreamingResponse(_file_chunks(stored, start, length), status_code=status, headers=headers)
+    return ObjectStreamResponse(stored, start, length, status_code=status, headers=headers)
+
+
+class ObjectStreamResponse(StreamingResponse):
+    """A reply that streams part of an open object file and closes the file when the reply ends.
+
+    The file is opened before the reply starts, so a concurrent put() cannot mix two versions,
+    and it is closed even when the client leaves before the first chunk.
+    """
+
+    def __init__(self, stored: StoredObject, start: int, length: int, **options) -> None:
+        super().__init__(_file_chunks(stored, start, length), **options)
+        self.stored = stored
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.stored.file.close()
 
 
 async def _file_chunks(stored: StoredObject, start: int, length: int) -> AsyncIterator[bytes]:
     file = stored.file
-    try:
-        await asyncio.to_thread(file.seek, start, os.SEEK_CUR)
-        while length > 0:
-            chunk = await asyncio.to_thread(file.read, min(COPY_CHUNK_BYTES, length))
-            if not chunk:
-                # The file is shorter than its header records, so end the reply short rather than pad it.
-                log.error("object file is shorter than its header", extra={"key": stored.info.key})
-                return
-            length -= len(chunk)
-            yield chunk
-    finally:
-        file.close()
+    await asyncio.to_thread(file.seek, start, os.SEEK_CUR)
+    while length > 0:
+        chunk = await asyncio.to_thread(file.read, min(COPY_CHUNK_BYTES, length))
+        if not chunk:
+            # The file is shorter than its header records, so end the reply short rather than pad it.
+            log.error("object file is shorter than its header", extra={"key": stored.info.key})
+            return
+        length -= len(chunk)
+        yield chunk
 
 
 def parse_range(header: str, size: int) -> tuple[int, int] | None:

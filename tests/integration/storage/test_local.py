@@ -333,6 +333,33 @@ async def test_download_in_progress_survives_replacement(local_storage: LocalSto
     assert await local_storage.get(key) == b"new version"
 
 
+def open_files_under(directory: Path) -> list[str]:
+    """Return the files under `directory` that this process has open."""
+    targets = []
+    for descriptor in Path("/proc/self/fd").iterdir():
+        try:
+            target = os.readlink(descriptor)
+        except OSError:
+            continue
+        if target.startswith(str(directory)):
+            targets.append(target)
+    return targets
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs /proc/self/fd")
+async def test_abandoned_download_closes_file(local_storage: LocalStorage) -> None:
+    _, url = await stored_download_url(local_storage, data=os.urandom(16 * 1024 * 1024), content_type="application/octet-stream")
+
+    async with httpx.AsyncClient() as client, client.stream("GET", url) as reply:
+        await anext(reply.aiter_raw())
+    for _ in range(50):
+        if not open_files_under(local_storage.objects_root):
+            break
+        await asyncio.sleep(0.05)
+
+    assert open_files_under(local_storage.objects_root) == []
+
+
 async def test_deleted_object_returns_404(local_storage: LocalStorage) -> None:
     key, url = await stored_download_url(local_storage)
     await local_storage.delete([key])
