@@ -18,6 +18,9 @@ def serve(settings: Settings, args: argparse.Namespace) -> None:
     host = args.host or settings.host
     port = args.port if args.port is not None else settings.port
     server = args.server or settings.server
+    # The local storage adapter builds its signed URLs from HOST and PORT, so they follow the flags.
+    settings = settings.model_copy(update={"host": host, "port": port})
+    os.environ.update(HOST=host, PORT=str(port))
 
     if server == "pyvoy":
         pyvoy = shutil.which("pyvoy", path=os.path.dirname(sys.executable)) or shutil.which("pyvoy")

@@ -280,7 +280,7 @@ async def test_uid_with_other_characters_gets_hashed_key(database: Database, sto
 # Limits and quotas.
 
 
-async def test_file_at_max_size_passes_and_one_byte_more_fails(database: Database, storage: ObjectStorage) -> None:
+async def test_max_size_boundary(database: Database, storage: ObjectStorage) -> None:
     files, principal = files_for(database, storage, max_bytes=len(TEXT)), new_principal()
 
     done = await completed(files, principal, TEXT)
