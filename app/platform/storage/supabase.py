@@ -35,7 +35,7 @@ from app.platform.storage.port import (
 log = logging.getLogger(__name__)
 
 DEFAULT_TIMEOUT_SECONDS = 10.0
-# Objects are served with this Cache-Control max-age; signed URLs bound how long anyone may fetch.
+# Cache-Control max-age, in seconds, that Storage serves objects with. Signed URLs still expire on time.
 CACHE_CONTROL_SECONDS = "3600"
 LIST_PAGE_SIZE = 1000
 LIST_CONCURRENCY = 8
