@@ -121,8 +121,8 @@ class SupabaseStorage:
         """Return every key that starts with `prefix` followed by "/", sorted.
 
         Storage lists one folder level per call, and a name that is both an object and a folder
-        may come back as one entry, so every entry is also listed as a folder: one call per
-        object and folder below the prefix, LIST_CONCURRENCY at a time.
+        may come back as one entry. So every entry is also listed as a folder, which costs one
+        call per object and folder below the prefix, LIST_CONCURRENCY at a time.
 
         NOTE: if Storage matches the prefix with SQL ILIKE (case-insensitive, "_" a wildcard), a
         returned key may belong to a similar prefix and not exist. Deleting it is then a no-op,
