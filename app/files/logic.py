@@ -499,6 +499,9 @@ async def process_uploaded_file(session: AsyncSession, storage: ObjectStorage, f
     Runs in the FileUploaded consumer's transaction. An image Pillow cannot read marks the file
     FAILED with the reason, and its objects are removed. A storage failure raises, so that the
     relay retries the event.
+
+    NOTE: on SQLite that transaction holds the database's write lock from the relay's first
+    insert on, so other writers wait while the image is read, processed and stored.
     """
     file = await store.find_file(session, file_id, for_update=True)
     if file is None or file.status is not FileStatus.PROCESSING:

@@ -310,6 +310,22 @@ async def test_upload_stream_over_each_protocol(deployment, protocol, tokens: To
     assert served.content == data
 
 
+async def test_upload_without_metadata_first_is_invalid(deployment, protocol, tokens: Tokens) -> None:
+    token = tokens.mint(new_uid())
+    metadata = file_pb2.UploadRequest(metadata=file_pb2.UploadMetadata(name="notes.txt", content_type="text/plain"))
+    chunk = file_pb2.UploadRequest(chunk=TEXT)
+
+    with pytest.raises(RpcError) as chunk_first:
+        await stream_upload(deployment, protocol, token, [chunk, metadata])
+    with pytest.raises(RpcError) as metadata_twice:
+        await stream_upload(deployment, protocol, token, [metadata, chunk, metadata])
+
+    assert chunk_first.value.code == "invalid_argument"
+    assert chunk_first.value.violations["metadata"] == "must be set in the first message of the stream"
+    assert metadata_twice.value.code == "invalid_argument"
+    assert metadata_twice.value.violations["metadata"] == "must be set in the first message only"
+
+
 async def test_empty_file_is_invalid_argument(deployment, protocol, tokens: Tokens) -> None:
     token = tokens.mint(new_uid())
 
