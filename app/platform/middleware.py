@@ -131,6 +131,10 @@ CORS_ALLOWED_HEADERS = (
     "x-request-id",
     "traceparent",
     "tracestate",
+    # Partial and conditional downloads from the local storage adapter's signed URLs.
+    "range",
+    "if-range",
+    "if-none-match",
 )
 # Response headers that browser code must be able to read.
 CORS_EXPOSED_HEADERS = (
@@ -141,6 +145,11 @@ CORS_EXPOSED_HEADERS = (
     "retry-after",
     "content-encoding",
     "connect-content-encoding",
+    # Downloads from the local storage adapter's signed URLs.
+    "content-disposition",
+    "content-range",
+    "accept-ranges",
+    "etag",
 )
 CORS_MAX_AGE_SECONDS = 7200
 
@@ -197,7 +206,8 @@ class CORSMiddleware:
 
         headers = [
             (b"access-control-allow-origin", origin.encode()),
-            (b"access-control-allow-methods", b"GET, POST"),
+            # PUT and HEAD are for the local storage adapter's signed upload and download URLs.
+            (b"access-control-allow-methods", b"GET, HEAD, POST, PUT"),
             (b"access-control-allow-headers", ", ".join(CORS_ALLOWED_HEADERS).encode()),
             (b"access-control-max-age", str(CORS_MAX_AGE_SECONDS).encode()),
             (b"vary", b"Origin, Access-Control-Request-Method, Access-Control-Request-Headers"),

@@ -61,6 +61,8 @@ RATE_LIMIT_REJECTIONS = Counter(
 
 # Paths that are not RPCs: probes and the scrape itself get neither spans nor RPC metrics.
 _UNTRACKED_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
+# Non-RPC paths that end in an object key: the local storage adapter's signed URLs.
+_KEYED_PATH_PREFIXES = ("/storage/v1/local/",)
 # An RPC path is /<package.Service>/<Method>.
 _RPC_PATH = re.compile(r"^/([A-Za-z_][A-Za-z0-9_.]*)/([A-Za-z_][A-Za-z0-9_]*)$")
 # Callers choose the path, so method labels are capped: later unknown names count as "other".
@@ -128,11 +130,11 @@ class ObservabilityMiddleware:
             "rpc.system": "connect_rpc" if reply.protocol is Protocol.CONNECT else "grpc",
             "rpc.service": service,
             "rpc.method": method,
-            "url.path": scope["path"],
+            "url.path": scope["path"] if service else _route_of(scope["path"]),
             "http.request.method": scope["method"],
             "app.request_id": request_id_var.get() or "",
         }
-        name = f"{service}/{method}" if service else scope["path"]
+        name = f"{service}/{method}" if service else f"{scope['method']} {_route_of(scope['path'])}"
         with tracer.start_as_current_span(
             name, context=parent, kind=SpanKind.SERVER, attributes=attributes, set_status_on_exception=True
         ) as span:
@@ -243,6 +245,17 @@ def _content_type(headers) -> str:
         if key == b"content-type":
             return value.decode("latin-1").lower()
     return ""
+
+
+def _route_of(path: str) -> str:
+    """Return the path of a non-RPC request with its object key replaced by `{key}`.
+
+    The key names a user and a file, which belong neither in span names nor in attributes.
+    """
+    for prefix in _KEYED_PATH_PREFIXES:
+        if path.startswith(prefix):
+            return prefix + "{key}"
+    return path
 
 
 def _split_rpc_path(path: str) -> tuple[str, str]:

@@ -93,6 +93,17 @@ def test_cors_preflight_answers_before_auth(server) -> None:
     assert "POST" in reply.headers["access-control-allow-methods"]
 
 
+def test_cors_preflight_allows_signed_url_uploads(server) -> None:
+    reply = httpx.options(
+        f"{server.url}/storage/v1/local/some-user/some-file",
+        headers={"origin": ALLOWED_ORIGIN, "access-control-request-method": "PUT", "access-control-request-headers": "content-type,range"},
+    )
+
+    assert reply.status_code == 204
+    assert "PUT" in reply.headers["access-control-allow-methods"]
+    assert {"content-type", "range"} <= {h.strip() for h in reply.headers["access-control-allow-headers"].split(",")}
+
+
 def test_cors_preflight_from_unknown_origin_gets_no_grant(server) -> None:
     reply = httpx.options(
         f"{server.url}/{USERS}/GetMe",

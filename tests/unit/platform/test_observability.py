@@ -122,6 +122,18 @@ def test_method_label(path, code, expected) -> None:
     assert method_label(path, code) == expected
 
 
+@pytest.mark.parametrize(
+    ("path", "expected"),
+    [
+        ("/storage/v1/local/user-1/0123abcd", "/storage/v1/local/{key}"),
+        ("/storage/v1/local/user-1/0123abcd/thumbnail", "/storage/v1/local/{key}"),
+        ("/favicon.ico", "/favicon.ico"),
+    ],
+)
+def test_span_route_hides_object_keys(path, expected) -> None:
+    assert observability._route_of(path) == expected
+
+
 def test_method_labels_are_capped(monkeypatch) -> None:
     monkeypatch.setattr(observability, "_method_labels", set())
     monkeypatch.setattr(observability, "MAX_METHOD_LABELS", 2)
