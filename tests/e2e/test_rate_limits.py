@@ -22,7 +22,7 @@ from functions.auth.v1 import auth_pb2
 
 from tests.e2e.clients import ALL_PROTOCOLS, Protocol, RpcError, call
 from tests.e2e.conftest import server_env
-from tests.servers import RunningServer, free_port, start_server
+from tests.servers import RunningServer, free_port, run_migrations, start_server
 
 HEALTH = "grpc.health.v1.Health"
 AUTH = "functions.auth.v1.AuthService"
@@ -37,6 +37,8 @@ def start_servers(cert_server, directory: Path, envs: list[dict[str, str]]) -> l
     def start(index: int) -> RunningServer:
         url = f"sqlite+aiosqlite:///{directory / f'server-{index}.db'}"
         env = server_env(cert_server, url, TRUST_FLY_PROXY="true", **envs[index])
+        # Every signed-in call reads the users table, which rejects deleted accounts' tokens.
+        run_migrations(env)
         return start_server(env, directory / f"server-{index}.log")
 
     with ThreadPoolExecutor(len(envs)) as pool:

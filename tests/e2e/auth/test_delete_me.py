@@ -12,7 +12,7 @@ from functions.auth.v1 import auth_pb2
 from functions.user.v1 import user_pb2
 
 from tests.e2e.clients import Protocol, RpcError, call
-from tests.servers import RunningServer, run_server
+from tests.servers import RunningServer, run_migrations, run_server
 from tests.support.emulator import server_env
 from tests.support.tcp_forwarder import TcpForwarder
 
@@ -115,10 +115,15 @@ async def test_without_revocation_check_every_domain_rejects_token(unchecked_use
     assert auth_emulator.lookup(user.uid).get("disabled") is True
 
 
-async def test_firebase_outage_during_delete_me_is_retried_in_background(auth_emulator, database_path, tmp_path):
-    """DeleteMe succeeds while Firebase is cut off; the UserDeleted consumer disables the account once it is back."""
+async def test_firebase_outage_during_delete_me_is_retried_in_background(auth_emulator, tmp_path):
+    """DeleteMe succeeds while Firebase is cut off; the UserDeleted consumer disables the account once it is back.
+
+    The server has a database of its own: the relays of other servers on a shared database could
+    take the event and spend its attempts against their own Firebase settings.
+    """
     forwarder = TcpForwarder("127.0.0.1", auth_emulator.port)
-    env = server_env(forwarder.address, database_path, ENABLED_SERVICES="auth,users")
+    env = server_env(forwarder.address, tmp_path / "outage.db", ENABLED_SERVICES="auth,users")
+    run_migrations(env)
     user = auth_emulator.sign_up()
     with run_server(env, tmp_path / "server.log") as server:
         await get_me(server, user.id_token)

@@ -191,7 +191,7 @@ async def test_fanout_skipped_behind_pooler(postgres_database: Database, caplog:
 
     assert fanout is None
     assert not hub.delivered_by_notify
-    assert "direct or session-mode connection" in caplog.text
+    assert "Set DATABASE_LISTEN_URL to a direct or session-mode URL" in caplog.text
 
 
 async def test_fanout_skipped_on_sqlite(sqlite_database: Database) -> None:
