@@ -297,6 +297,24 @@ async def test_jpeg_exif_is_stripped_from_served_bytes(deployment, protocol, tok
     assert Image.open(io.BytesIO(thumbnail.content)).format in ("JPEG", "PNG")
 
 
+async def test_unreadable_image_becomes_failed(deployment, protocol, tokens: Tokens) -> None:
+    token = tokens.mint(new_uid())
+    # A PNG signature passes the sniffer, but Pillow cannot decode what follows.
+    corrupt = b"\x89PNG\r\n\x1a\n" + b"\x00garbage" * 8
+
+    uploaded = await stream_upload(deployment, protocol, token, upload_messages("broken.png", "image/png", corrupt))
+    failed = await wait_processed(deployment, token, uploaded.id)
+    error = await rpc_error(
+        deployment, protocol, "GetDownloadUrl", file_pb2.GetDownloadUrlRequest(file_id=uploaded.id),
+        file_pb2.GetDownloadUrlResponse, token,
+    )
+
+    assert failed.status == file_pb2.FILE_STATUS_FAILED
+    assert failed.failure_reason.startswith("the image could not be processed")
+    assert error.code == "failed_precondition"
+    assert deployment.object_keys(uploaded.uid) == []
+
+
 @pytest.mark.parametrize("protocol", [Protocol.CONNECT_JSON, Protocol.CONNECT_PROTO, Protocol.GRPC], ids=lambda p: p.value)
 async def test_upload_stream_over_each_protocol(deployment, protocol, tokens: Tokens) -> None:
     token = tokens.mint(new_uid())

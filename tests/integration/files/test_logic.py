@@ -36,7 +36,7 @@ from app.platform.errors import (
 )
 from app.platform.events import EventRelay, OutboxEventRow, record_event
 from app.platform.storage.port import ObjectNotFound, ObjectStorage
-from tests.support.files import exif_of, has_gps, jpeg_with_exif, pdf_bytes, png_bytes
+from tests.support.files import bomb_png, exif_of, gif_bytes, has_gps, jpeg_with_exif, pdf_bytes, png_bytes, webp_bytes
 from tests.support.supabase_storage import SupabaseStorageStandIn
 
 TEXT = b"plain text, nothing more\n"
@@ -562,11 +562,40 @@ async def test_jpeg_processing_strips_exif_and_makes_thumbnail(database: Databas
     assert target.content_type == "image/jpeg"
 
 
-async def test_corrupt_image_fails_with_reason(database: Database, storage: ObjectStorage) -> None:
+@pytest.mark.parametrize(
+    ("content_type", "data"),
+    [
+        ("image/png", png_bytes(40, 30, alpha=True)),
+        ("image/gif", gif_bytes(frames=3)),
+        ("image/webp", webp_bytes(exif=True)),
+    ],
+    ids=["png", "gif", "webp"],
+)
+async def test_other_images_get_thumbnails(database: Database, storage: ObjectStorage, content_type: str, data: bytes) -> None:
     files, principal = files_for(database, storage), new_principal()
-    # A PNG signature followed by garbage passes the sniffer but not Pillow.
-    corrupt = b"\x89PNG\r\n\x1a\n" + b"\x00garbage" * 8
-    done = await completed(files, principal, corrupt, "image/png", name="broken.png")
+    done = await completed(files, principal, data, content_type, name="picture")
+
+    await relay_files_events(database, storage)
+
+    processed = await files.get_file(principal, done.id)
+    assert processed.status is FileStatus.READY
+    assert processed.has_thumbnail
+    assert (await storage.info(done.keys.stripped)).content_type == content_type
+    assert await object_exists(storage, done.keys.thumbnail)
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        # A PNG signature followed by garbage passes the sniffer but not Pillow.
+        b"\x89PNG\r\n\x1a\n" + b"\x00garbage" * 8,
+        bomb_png(100_000, 100_000),
+    ],
+    ids=["corrupt", "decompression-bomb"],
+)
+async def test_unreadable_image_fails_with_reason(database: Database, storage: ObjectStorage, data: bytes) -> None:
+    files, principal = files_for(database, storage), new_principal()
+    done = await completed(files, principal, data, "image/png", name="broken.png")
 
     await relay_files_events(database, storage)
 
