@@ -13,6 +13,9 @@ from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy import func, select, text
 
+# Every model module, so that Base.metadata has every table the migrations create.
+import app.files.model  # noqa: F401
+import app.notifications.model  # noqa: F401
 from app.platform.db import UNAVAILABLE_MESSAGE, Base, Database, engine_config
 from app.platform.errors import DeadlineExceeded, InvalidInput, Unavailable
 from app.users import store
