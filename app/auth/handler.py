@@ -7,8 +7,7 @@ from functions.auth.v1 import auth_pb2
 from google.protobuf import struct_pb2, timestamp_pb2
 
 from app.auth import logic
-from app.platform.context import Principal, current_principal
-from app.platform.errors import Unauthenticated
+from app.platform.context import require_principal
 from app.platform.firebase import FirebaseAdmin
 from app.settings import Settings
 
@@ -21,7 +20,7 @@ class AuthHandler:
         self._firebase = firebase if firebase is not None else FirebaseAdmin.from_settings(settings)
 
     async def who_am_i(self, request: auth_pb2.WhoAmIRequest, ctx: RequestContext, /) -> auth_pb2.WhoAmIResponse:
-        principal = _signed_in_principal()
+        principal = require_principal()
 
         identity = logic.describe_caller(principal)
 
@@ -39,7 +38,7 @@ class AuthHandler:
         )
 
     async def set_roles(self, request: auth_pb2.SetRolesRequest, ctx: RequestContext, /) -> auth_pb2.SetRolesResponse:
-        admin = _signed_in_principal()
+        admin = require_principal()
         uid = request.uid
         roles = list(request.roles)
 
@@ -50,7 +49,7 @@ class AuthHandler:
     async def revoke_sessions(
         self, request: auth_pb2.RevokeSessionsRequest, ctx: RequestContext, /
     ) -> auth_pb2.RevokeSessionsResponse:
-        principal = _signed_in_principal()
+        principal = require_principal()
 
         revocation = await logic.revoke_sessions(self._firebase, principal, request.uid)
 
@@ -61,12 +60,3 @@ class AuthHandler:
 
 def _timestamp(seconds: int) -> timestamp_pb2.Timestamp:
     return timestamp_pb2.Timestamp(seconds=seconds)
-
-
-def _signed_in_principal() -> Principal:
-    # The policy interceptor rejects calls without a principal before they get here. This guards
-    # against a handler called without the interceptor.
-    principal = current_principal()
-    if principal is None:
-        raise Unauthenticated("this method requires a signed-in caller: send 'Authorization: Bearer <Firebase ID token>'")
-    return principal

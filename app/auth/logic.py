@@ -12,14 +12,12 @@ from datetime import datetime
 from typing import Any, Protocol
 
 from app.platform.context import Principal
-from app.platform.errors import FailedPrecondition, FieldViolation, InvalidInput
+from app.platform.errors import FailedPrecondition, FieldViolation, InvalidInput, shown
 
 MAX_ROLES = 20
 ROLE_PATTERN = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
 MAX_UID_CHARS = 128
 ADMIN_ROLE = "admin"
-# Maximum length of a request value quoted in an error message.
-MAX_SHOWN_CHARS = 40
 
 # Claims that the JWT standard or Firebase define, so they are not the project's custom claims.
 REGISTERED_CLAIMS = frozenset(
@@ -160,18 +158,11 @@ def check_roles(roles: list[str]) -> list[FieldViolation]:
                 FieldViolation(
                     name,
                     f"must match {ROLE_PATTERN.pattern} (a lower-case letter, then up to 31 lower-case letters, "
-                    f"digits, '_' or '-'): got {_shown(role)}",
+                    f"digits, '_' or '-'): got {shown(role)}",
                 )
             )
         elif role in first_index:
-            violations.append(FieldViolation(name, f"must not repeat roles[{first_index[role]}]: got {_shown(role)}"))
+            violations.append(FieldViolation(name, f"must not repeat roles[{first_index[role]}]: got {shown(role)}"))
         else:
             first_index[role] = index
     return violations
-
-
-def _shown(value: str) -> str:
-    """Quote a request value for an error message, shortened."""
-    if len(value) > MAX_SHOWN_CHARS:
-        return repr(value[:MAX_SHOWN_CHARS]) + f"... ({len(value)} characters)"
-    return repr(value)

@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from datetime import datetime
 
 from connectrpc.request import RequestContext
 from functions.file.v1 import file_pb2
-from google.protobuf.timestamp_pb2 import Timestamp
 
 from app.files import logic
 from app.files.model import File, FileStatus
-from app.platform.context import Principal, current_principal
-from app.platform.errors import FieldViolation, InvalidInput, Unauthenticated
+from app.platform.context import require_principal
+from app.platform.errors import FieldViolation, InvalidInput
+from app.platform.timestamps import timestamp_of
 
 _STATUS_TO_PROTO = {
     FileStatus.PENDING: file_pb2.FILE_STATUS_PENDING,
@@ -32,7 +31,7 @@ class FileHandler:
     async def create_upload(
         self, request: file_pb2.CreateUploadRequest, ctx: RequestContext, /
     ) -> file_pb2.CreateUploadResponse:
-        principal = _signed_in_principal()
+        principal = require_principal()
 
         file, target = await self._files.create_upload(
             principal, request.name, request.content_type, request.size, request.sha256
@@ -42,13 +41,13 @@ class FileHandler:
             file=file_to_proto(file),
             upload_url=target.url,
             upload_headers=target.headers,
-            upload_expire_time=_timestamp(target.expire_time),
+            upload_expire_time=timestamp_of(target.expire_time),
         )
 
     async def complete_upload(
         self, request: file_pb2.CompleteUploadRequest, ctx: RequestContext, /
     ) -> file_pb2.CompleteUploadResponse:
-        principal = _signed_in_principal()
+        principal = require_principal()
 
         file = await self._files.complete_upload(principal, request.file_id)
 
@@ -57,7 +56,7 @@ class FileHandler:
     async def upload(
         self, request: AsyncIterator[file_pb2.UploadRequest], ctx: RequestContext, /
     ) -> file_pb2.UploadResponse:
-        principal = _signed_in_principal()
+        principal = require_principal()
         metadata, chunks = await _split_upload_stream(request)
 
         file = await self._files.upload(principal, metadata, chunks)
@@ -65,14 +64,14 @@ class FileHandler:
         return file_pb2.UploadResponse(file=file_to_proto(file))
 
     async def get_file(self, request: file_pb2.GetFileRequest, ctx: RequestContext, /) -> file_pb2.GetFileResponse:
-        principal = _signed_in_principal()
+        principal = require_principal()
 
         file = await self._files.get_file(principal, request.file_id)
 
         return file_pb2.GetFileResponse(file=file_to_proto(file))
 
     async def list_files(self, request: file_pb2.ListFilesRequest, ctx: RequestContext, /) -> file_pb2.ListFilesResponse:
-        principal = _signed_in_principal()
+        principal = require_principal()
         status = _status_filter(request.status)
 
         page = await self._files.list_files(principal, request.page_size, request.page_token, request.content_type, status)
@@ -84,25 +83,25 @@ class FileHandler:
     async def get_download_url(
         self, request: file_pb2.GetDownloadUrlRequest, ctx: RequestContext, /
     ) -> file_pb2.GetDownloadUrlResponse:
-        principal = _signed_in_principal()
+        principal = require_principal()
         thumbnail = _is_thumbnail(request.variant)
         inline = _is_inline(request.disposition)
 
         target = await self._files.get_download_url(principal, request.file_id, thumbnail=thumbnail, inline=inline)
 
         return file_pb2.GetDownloadUrlResponse(
-            url=target.url, expire_time=_timestamp(target.expire_time), content_type=target.content_type
+            url=target.url, expire_time=timestamp_of(target.expire_time), content_type=target.content_type
         )
 
     async def delete_file(self, request: file_pb2.DeleteFileRequest, ctx: RequestContext, /) -> file_pb2.DeleteFileResponse:
-        principal = _signed_in_principal()
+        principal = require_principal()
 
         await self._files.delete_file(principal, request.file_id)
 
         return file_pb2.DeleteFileResponse()
 
     async def rename_file(self, request: file_pb2.RenameFileRequest, ctx: RequestContext, /) -> file_pb2.RenameFileResponse:
-        principal = _signed_in_principal()
+        principal = require_principal()
 
         file = await self._files.rename_file(principal, request.file_id, request.name, request.etag)
 
@@ -121,9 +120,9 @@ def file_to_proto(file: File) -> file_pb2.File:
         status=_STATUS_TO_PROTO[file.status],
         failure_reason=file.failure_reason,
         has_thumbnail=file.has_thumbnail,
-        create_time=_timestamp(file.create_time),
-        update_time=_timestamp(file.update_time),
-        upload_expire_time=_timestamp(file.upload_expire_time),
+        create_time=timestamp_of(file.create_time),
+        update_time=timestamp_of(file.update_time),
+        upload_expire_time=timestamp_of(file.upload_expire_time),
         etag=file.etag,
     )
 
@@ -170,18 +169,3 @@ def _is_inline(disposition: int) -> bool:
     if disposition not in (file_pb2.DISPOSITION_UNSPECIFIED, file_pb2.DISPOSITION_INLINE, file_pb2.DISPOSITION_ATTACHMENT):
         raise InvalidInput(FieldViolation("disposition", f"must be a Disposition value: got {disposition}"))
     return disposition == file_pb2.DISPOSITION_INLINE
-
-
-def _timestamp(value: datetime) -> Timestamp:
-    timestamp = Timestamp()
-    timestamp.FromDatetime(value)
-    return timestamp
-
-
-def _signed_in_principal() -> Principal:
-    # The policy interceptor rejects calls without a principal first. This check covers a
-    # handler that runs without that interceptor, as in tests.
-    principal = current_principal()
-    if principal is None:
-        raise Unauthenticated("this method requires a signed-in caller: send 'Authorization: Bearer <Firebase ID token>'")
-    return principal

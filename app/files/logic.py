@@ -19,10 +19,7 @@ objects. When storage fails at that point, the FileDeleted consumer deletes them
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import hashlib
-import json
 import logging
 import re
 import secrets
@@ -46,6 +43,7 @@ from app.files.model import (
     uid_key_segment,
 )
 from app.files.sniff import normalize_content_type, sniff_content_type
+from app.platform import pagination
 from app.platform.context import Principal
 from app.platform.db import Database
 from app.platform.errors import (
@@ -57,23 +55,26 @@ from app.platform.errors import (
     ResourceExhausted,
     ServiceError,
     Unavailable,
+    shown,
 )
 from app.platform.events import record_event
-from app.platform.storage.port import ObjectNotFound, ObjectRejected, ObjectStorage, StorageError
+from app.platform.storage.port import (
+    ObjectNotFound,
+    ObjectRejected,
+    ObjectStorage,
+    StorageError,
+)
 from app.settings import Settings
 
 log = logging.getLogger(__name__)
 
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 100
-# Version prefix of page tokens, so the token format can change without misreading old ones.
-PAGE_TOKEN_PREFIX = "v1."
 # Expired uploads one sweep removes per unit of work.
 SWEEP_BATCH_SIZE = 100
 STORAGE_UNAVAILABLE_MESSAGE = "file storage unavailable; retry later"
 _FILE_ID_PATTERN = re.compile(rf"[0-9a-f]{{{FILE_ID_LENGTH}}}")
 _SHA256_PATTERN = re.compile(rf"[0-9a-fA-F]{{{SHA256_LENGTH}}}")
-_SHOWN_VALUE_MAX_LENGTH = 40
 
 
 @dataclass(frozen=True, slots=True)
@@ -304,7 +305,7 @@ class Files:
         async with self.database.unit_of_work() as session:
             file = await _visible_file(session, principal, file_id, for_update=True)
             if etag and etag != file.etag:
-                raise Aborted(f"file {file.id} was modified since etag {_shown(etag)}; read it again and retry")
+                raise Aborted(f"file {file.id} was modified since etag {shown(etag)}; read it again and retry")
             return await store.update_file(session, file, name=name, update_time=now)
 
     async def delete_file(self, principal: Principal, file_id: str) -> None:
@@ -348,16 +349,16 @@ class Files:
         try:
             normalized = normalize_content_type(content_type)
         except ValueError:
-            violations.append(FieldViolation("content_type", f"must be type/subtype, such as image/png: got {_shown(content_type)}"))
+            violations.append(FieldViolation("content_type", f"must be type/subtype, such as image/png: got {shown(content_type)}"))
         else:
             if normalized not in self.limits.allowed_types:
                 violations.append(
-                    FieldViolation("content_type", f"must be one of {sorted(self.limits.allowed_types)}: got {_shown(content_type)}")
+                    FieldViolation("content_type", f"must be one of {sorted(self.limits.allowed_types)}: got {shown(content_type)}")
                 )
         if size is not None and size <= 0:
             violations.append(FieldViolation("size", f"must be at least 1 byte: got {size}"))
         if sha256 and not _SHA256_PATTERN.fullmatch(sha256):
-            violations.append(FieldViolation("sha256", f"must be 64 hexadecimal characters: got {_shown(sha256)}"))
+            violations.append(FieldViolation("sha256", f"must be 64 hexadecimal characters: got {shown(sha256)}"))
         if violations:
             raise InvalidInput(violations)
         return name, normalized, sha256.lower()
@@ -611,7 +612,7 @@ def _normalized_content_type(content_type: str) -> str:
         return normalize_content_type(content_type)
     except ValueError:
         raise InvalidInput(
-            FieldViolation("content_type", f"must be type/subtype, such as image/png: got {_shown(content_type)}")
+            FieldViolation("content_type", f"must be type/subtype, such as image/png: got {shown(content_type)}")
         ) from None
 
 
@@ -623,7 +624,7 @@ async def _visible_file(session: AsyncSession, principal: Principal, file_id: st
     """
     if not _FILE_ID_PATTERN.fullmatch(file_id):
         raise InvalidInput(
-            FieldViolation("file_id", f"must be {FILE_ID_LENGTH} lower-case hexadecimal characters: got {_shown(file_id)}")
+            FieldViolation("file_id", f"must be {FILE_ID_LENGTH} lower-case hexadecimal characters: got {shown(file_id)}")
         )
     file = await store.find_file(session, file_id, for_update=for_update)
     if file is None or (file.uid != principal.uid and not principal.is_admin):
@@ -633,8 +634,7 @@ async def _visible_file(session: AsyncSession, principal: Principal, file_id: st
 
 def encode_page_token(before_id: str, filters: list[str]) -> str:
     """Build the opaque token of the page after the file `before_id`."""
-    payload = json.dumps([before_id, *filters], separators=(",", ":")).encode()
-    return PAGE_TOKEN_PREFIX + base64.urlsafe_b64encode(payload).rstrip(b"=").decode("ascii")
+    return pagination.encode_page_token(before_id, filters)
 
 
 def decode_page_token(page_token: str, filters: list[str]) -> str:
@@ -642,24 +642,9 @@ def decode_page_token(page_token: str, filters: list[str]) -> str:
 
     Raise InvalidInput when ListFiles did not issue the token or issued it for other filters.
     """
-    invalid = InvalidInput(
-        FieldViolation("page_token", f"must be a next_page_token returned by ListFiles: got {_shown(page_token)}")
-    )
-    if not page_token.startswith(PAGE_TOKEN_PREFIX):
-        raise invalid
-    encoded = page_token.removeprefix(PAGE_TOKEN_PREFIX)
-    try:
-        payload = base64.b64decode(encoded + "=" * (-len(encoded) % 4), altchars=b"-_", validate=True)
-        before_id, *token_filters = json.loads(payload)
-    except (binascii.Error, ValueError, TypeError, RecursionError):
-        raise invalid from None
+    before_id = pagination.decode_page_token(page_token, filters, method="ListFiles", filter_names="content_type and status filters")
     if not isinstance(before_id, str) or not _FILE_ID_PATTERN.fullmatch(before_id):
-        raise invalid
-
-    if token_filters != filters:
-        raise InvalidInput(
-            FieldViolation("page_token", "must come from a request with the same content_type and status filters")
-        )
+        raise InvalidInput(FieldViolation("page_token", f"must be a next_page_token returned by ListFiles: got {shown(page_token)}"))
     return before_id
 
 
@@ -671,9 +656,3 @@ def _storage_failure(error: StorageError, action: str, file_id: str) -> ServiceE
     if isinstance(error, ObjectNotFound):
         return FailedPrecondition(f"the stored bytes of file {file_id} are missing", reason="OBJECT_MISSING")
     return Unavailable(STORAGE_UNAVAILABLE_MESSAGE, reason="STORAGE_UNAVAILABLE")
-
-
-def _shown(value: str) -> str:
-    if len(value) <= _SHOWN_VALUE_MAX_LENGTH:
-        return repr(value)
-    return repr(value[:_SHOWN_VALUE_MAX_LENGTH]) + f"... ({len(value)} characters)"

@@ -4,18 +4,17 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from datetime import datetime
 
 from connectrpc.request import RequestContext
 from functions.notification.v1 import notification_pb2
-from google.protobuf.timestamp_pb2 import Timestamp
 
 from app.notifications import logic
 from app.notifications.events import NotificationHub
 from app.notifications.model import Notification
-from app.platform.context import Principal, current_principal
+from app.platform.context import require_principal
 from app.platform.db import Database
-from app.platform.errors import FieldViolation, InvalidInput, Unauthenticated
+from app.platform.errors import FieldViolation, InvalidInput
+from app.platform.timestamps import timestamp_of
 
 
 class NotificationHandler:
@@ -51,7 +50,7 @@ class NotificationHandler:
     async def follow_topic(
         self, request: notification_pb2.FollowTopicRequest, ctx: RequestContext, /
     ) -> notification_pb2.FollowTopicResponse:
-        uid = _signed_in_principal().uid
+        uid = require_principal().uid
 
         async with self._database.unit_of_work() as session:
             await logic.follow_topic(session, uid, request.topic)
@@ -61,7 +60,7 @@ class NotificationHandler:
     async def unfollow_topic(
         self, request: notification_pb2.UnfollowTopicRequest, ctx: RequestContext, /
     ) -> notification_pb2.UnfollowTopicResponse:
-        uid = _signed_in_principal().uid
+        uid = require_principal().uid
 
         async with self._database.unit_of_work() as session:
             await logic.unfollow_topic(session, uid, request.topic)
@@ -71,7 +70,7 @@ class NotificationHandler:
     async def list_followed_topics(
         self, request: notification_pb2.ListFollowedTopicsRequest, ctx: RequestContext, /
     ) -> notification_pb2.ListFollowedTopicsResponse:
-        uid = _signed_in_principal().uid
+        uid = require_principal().uid
 
         async with self._database.unit_of_work() as session:
             topics = await logic.list_followed_topics(session, uid)
@@ -81,7 +80,7 @@ class NotificationHandler:
     async def list_notifications(
         self, request: notification_pb2.ListNotificationsRequest, ctx: RequestContext, /
     ) -> notification_pb2.ListNotificationsResponse:
-        uid = _signed_in_principal().uid
+        uid = require_principal().uid
 
         async with self._database.unit_of_work() as session:
             page = await logic.list_notifications(session, uid, request.page_size, request.page_token, request.unread_only)
@@ -92,7 +91,7 @@ class NotificationHandler:
         )
 
     async def mark_read(self, request: notification_pb2.MarkReadRequest, ctx: RequestContext, /) -> notification_pb2.MarkReadResponse:
-        uid = _signed_in_principal().uid
+        uid = require_principal().uid
 
         async with self._database.unit_of_work() as session:
             marked_count = await logic.mark_read(session, uid, list(request.ids), request.all)
@@ -102,7 +101,7 @@ class NotificationHandler:
     async def get_unread_count(
         self, request: notification_pb2.GetUnreadCountRequest, ctx: RequestContext, /
     ) -> notification_pb2.GetUnreadCountResponse:
-        uid = _signed_in_principal().uid
+        uid = require_principal().uid
 
         async with self._database.unit_of_work() as session:
             unread_count = await logic.get_unread_count(session, uid)
@@ -112,7 +111,7 @@ class NotificationHandler:
     async def subscribe(
         self, request: notification_pb2.SubscribeRequest, ctx: RequestContext, /
     ) -> AsyncIterator[notification_pb2.SubscribeResponse]:
-        uid = _signed_in_principal().uid
+        uid = require_principal().uid
 
         items = logic.follow_notifications(
             self._database, self._hub, uid, request.after_id, self._shutting_down,
@@ -121,7 +120,7 @@ class NotificationHandler:
 
         async for item in items:
             if isinstance(item, logic.Heartbeat):
-                yield notification_pb2.SubscribeResponse(heartbeat=notification_pb2.Heartbeat(time=_timestamp(item.time)))
+                yield notification_pb2.SubscribeResponse(heartbeat=notification_pb2.Heartbeat(time=timestamp_of(item.time)))
             else:
                 yield notification_pb2.SubscribeResponse(notification=notification_to_proto(item))
 
@@ -133,24 +132,9 @@ def notification_to_proto(notification: Notification) -> notification_pb2.Notifi
         uid=notification.uid,
         title=notification.title,
         body=notification.body,
-        create_time=_timestamp(notification.create_time),
+        create_time=timestamp_of(notification.create_time),
         topic=notification.topic or "",
     )
     if notification.read_time is not None:
-        message.read_time.CopyFrom(_timestamp(notification.read_time))
+        message.read_time.CopyFrom(timestamp_of(notification.read_time))
     return message
-
-
-def _timestamp(value: datetime) -> Timestamp:
-    timestamp = Timestamp()
-    timestamp.FromDatetime(value)
-    return timestamp
-
-
-def _signed_in_principal() -> Principal:
-    # The policy interceptor rejects calls without a principal first. This check covers a
-    # handler that runs without that interceptor, as in tests.
-    principal = current_principal()
-    if principal is None:
-        raise Unauthenticated("this method requires a signed-in caller: send 'Authorization: Bearer <Firebase ID token>'")
-    return principal

@@ -7,10 +7,7 @@ the session, never commit, and raise ServiceError subclasses for callers to see.
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import dataclasses
-import json
 import logging
 import re
 import unicodedata
@@ -21,9 +18,23 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.notifications import store
 from app.notifications.events import NotificationHub, Subscription, publish_on_commit
-from app.notifications.model import BODY_MAX_LENGTH, TITLE_MAX_LENGTH, TOPIC_MAX_LENGTH, UID_MAX_LENGTH, Notification
+from app.notifications.model import (
+    BODY_MAX_LENGTH,
+    TITLE_MAX_LENGTH,
+    TOPIC_MAX_LENGTH,
+    UID_MAX_LENGTH,
+    Notification,
+)
+from app.platform import pagination
 from app.platform.db import Database
-from app.platform.errors import FieldViolation, InvalidInput, NotFound, ResourceExhausted, Unavailable
+from app.platform.errors import (
+    FieldViolation,
+    InvalidInput,
+    NotFound,
+    ResourceExhausted,
+    Unavailable,
+    shown,
+)
 
 log = logging.getLogger(__name__)
 
@@ -32,8 +43,6 @@ MAX_PAGE_SIZE = 100
 MAX_MARK_READ_IDS = 100
 MAX_FOLLOWED_TOPICS = 100
 _TOPIC_PATTERN = re.compile(r"[a-z0-9][a-z0-9._-]*")
-# Version prefix of page tokens, so the token format can change without misreading old ones.
-PAGE_TOKEN_PREFIX = "v1."
 # Stored notifications a replay reads per unit of work, so no connection stays checked out while the stream sends.
 REPLAY_PAGE_SIZE = 100
 # An idle Subscribe stream gets a heartbeat this often, so that proxies and browsers do not close
@@ -299,8 +308,7 @@ def _unless_interrupted(item: Notification | None) -> Notification:
 
 def encode_page_token(before_id: int, unread_only: bool) -> str:
     """Build the opaque token of the page after the notification `before_id`."""
-    payload = json.dumps([before_id, unread_only], separators=(",", ":")).encode()
-    return PAGE_TOKEN_PREFIX + base64.urlsafe_b64encode(payload).rstrip(b"=").decode("ascii")
+    return pagination.encode_page_token(before_id, [unread_only])
 
 
 def decode_page_token(page_token: str, unread_only: bool) -> int:
@@ -308,23 +316,10 @@ def decode_page_token(page_token: str, unread_only: bool) -> int:
 
     Raise InvalidInput when list_notifications did not issue the token or issued it for another `unread_only`.
     """
-    invalid = InvalidInput(
-        FieldViolation("page_token", f"must be a next_page_token returned by ListNotifications: got {page_token[:40]!r}")
-    )
-    if not page_token.startswith(PAGE_TOKEN_PREFIX):
-        raise invalid
-    encoded = page_token.removeprefix(PAGE_TOKEN_PREFIX)
-    try:
-        payload = base64.b64decode(encoded + "=" * (-len(encoded) % 4), altchars=b"-_", validate=True)
-        before_id, token_unread_only = json.loads(payload)
-    except (binascii.Error, ValueError, TypeError, RecursionError):
-        raise invalid from None
-    if type(before_id) is not int or type(token_unread_only) is not bool or before_id <= 0:
-        raise invalid
-
-    if token_unread_only != unread_only:
+    before_id = pagination.decode_page_token(page_token, [unread_only], method="ListNotifications", filter_names="unread_only")
+    if type(before_id) is not int or before_id <= 0:
         raise InvalidInput(
-            FieldViolation("page_token", f"must come from a request with the same unread_only: got a token for {token_unread_only}")
+            FieldViolation("page_token", f"must be a next_page_token returned by ListNotifications: got {shown(page_token)}")
         )
     return before_id
 

@@ -6,6 +6,8 @@ from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any
 
+from app.platform.errors import Unauthenticated
+
 
 @dataclass(frozen=True, slots=True)
 class Principal:
@@ -42,6 +44,18 @@ auth_error_var: ContextVar[Exception | None] = ContextVar("auth_error", default=
 def current_principal() -> Principal | None:
     """Return the signed-in caller of the current request, if any."""
     return principal_var.get()
+
+
+def require_principal() -> Principal:
+    """Return the signed-in caller of the current request, or raise Unauthenticated.
+
+    The policy interceptor rejects calls without a principal before a handler runs. This check
+    covers a handler called without that interceptor, as in tests.
+    """
+    principal = principal_var.get()
+    if principal is None:
+        raise Unauthenticated("this method requires a signed-in caller: send 'Authorization: Bearer <Firebase ID token>'")
+    return principal
 
 
 def current_request_id() -> str | None:

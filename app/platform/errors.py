@@ -28,6 +28,15 @@ from google.rpc import error_details_pb2
 from protobuf.wkt import Any as WireAny
 
 ERROR_DOMAIN = "functions"
+# Longest part of a received value that an error message quotes.
+SHOWN_VALUE_MAX_LENGTH = 40
+
+
+def shown(value: str) -> str:
+    """Quote a received value for an error message, shortened when long."""
+    if len(value) <= SHOWN_VALUE_MAX_LENGTH:
+        return repr(value)
+    return repr(value[:SHOWN_VALUE_MAX_LENGTH]) + f"... ({len(value)} characters)"
 
 
 @dataclass(frozen=True, slots=True)

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-from datetime import datetime
-
 from functions.user.v1 import user_pb2
-from google.protobuf.timestamp_pb2 import Timestamp
 
+from app.platform.timestamps import timestamp_of
 from app.users.model import UserProfile
 from app.users.validation import UPDATABLE_FIELDS
 
@@ -22,8 +20,8 @@ def user_to_proto(profile: UserProfile) -> user_pb2.User:
         time_zone=profile.time_zone,
         bio=profile.bio,
         preferences=profile.preferences,
-        create_time=_timestamp(profile.create_time),
-        update_time=_timestamp(profile.update_time),
+        create_time=timestamp_of(profile.create_time),
+        update_time=timestamp_of(profile.update_time),
         etag=profile.etag,
     )
 
@@ -33,9 +31,3 @@ def updatable_values(user: user_pb2.User) -> dict[str, object]:
     values: dict[str, object] = {name: getattr(user, name) for name in UPDATABLE_FIELDS if name != "preferences"}
     values["preferences"] = dict(user.preferences)
     return values
-
-
-def _timestamp(value: datetime) -> Timestamp:
-    timestamp = Timestamp()
-    timestamp.FromDatetime(value)
-    return timestamp

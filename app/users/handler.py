@@ -4,16 +4,15 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from datetime import datetime
 
 from connectrpc.request import RequestContext
 from functions.user.v1 import user_pb2
-from google.protobuf.timestamp_pb2 import Timestamp
 
-from app.platform.context import Principal, current_principal
+from app.platform.context import require_principal
 from app.platform.db import Database
-from app.platform.errors import Unauthenticated, Unavailable
+from app.platform.errors import Unavailable
 from app.platform.firebase import FirebaseAdmin
+from app.platform.timestamps import timestamp_of
 from app.users import logic
 from app.users.convert import updatable_values, user_to_proto
 from app.users.events import DISABLE_SIGN_IN_CONSUMER_NAME
@@ -48,7 +47,7 @@ class UserHandler:
         self._disable_retried = disable_retried
 
     async def get_me(self, request: user_pb2.GetMeRequest, ctx: RequestContext, /) -> user_pb2.GetMeResponse:
-        principal = _signed_in_principal()
+        principal = require_principal()
 
         async with self._database.unit_of_work() as session:
             profile = await logic.get_or_create_profile(session, principal)
@@ -56,7 +55,7 @@ class UserHandler:
         return user_pb2.GetMeResponse(user=user_to_proto(profile))
 
     async def update_me(self, request: user_pb2.UpdateMeRequest, ctx: RequestContext, /) -> user_pb2.UpdateMeResponse:
-        principal = _signed_in_principal()
+        principal = require_principal()
         values = updatable_values(request.user)
         update_mask = list(request.update_mask.paths)
 
@@ -68,7 +67,7 @@ class UserHandler:
     async def get_user(self, request: user_pb2.GetUserRequest, ctx: RequestContext, /) -> user_pb2.GetUserResponse:
         # An empty uid means the caller. The policy interceptor has already checked that a
         # non-empty uid is the caller's own or that the caller is an admin.
-        principal = _signed_in_principal()
+        principal = require_principal()
         uid = request.uid or principal.uid
 
         async with self._database.unit_of_work() as session:
@@ -77,7 +76,7 @@ class UserHandler:
         return user_pb2.GetUserResponse(user=user_to_proto(profile))
 
     async def delete_me(self, request: user_pb2.DeleteMeRequest, ctx: RequestContext, /) -> user_pb2.DeleteMeResponse:
-        principal = _signed_in_principal()
+        principal = require_principal()
 
         # The deletion commits before Firebase is called. In the other order, a failure after
         # disabling the Firebase user would leave a profile that its owner can no longer delete,
@@ -96,10 +95,10 @@ class UserHandler:
                 DISABLE_SIGN_IN_CONSUMER_NAME, extra={"uid": profile.uid},
             )
 
-        return user_pb2.DeleteMeResponse(uid=profile.uid, delete_time=_timestamp(profile.delete_time))
+        return user_pb2.DeleteMeResponse(uid=profile.uid, delete_time=timestamp_of(profile.delete_time))
 
     async def list_users(self, request: user_pb2.ListUsersRequest, ctx: RequestContext, /) -> user_pb2.ListUsersResponse:
-        principal = _signed_in_principal()
+        principal = require_principal()
 
         async with self._database.unit_of_work() as session:
             page = await logic.list_profiles(
@@ -110,18 +109,3 @@ class UserHandler:
             users=[user_to_proto(profile) for profile in page.profiles],
             next_page_token=page.next_page_token,
         )
-
-
-def _signed_in_principal() -> Principal:
-    # The policy interceptor rejects calls without a principal first. This check covers a
-    # handler that runs without that interceptor, as in tests.
-    principal = current_principal()
-    if principal is None:
-        raise Unauthenticated("this method requires a signed-in caller: send 'Authorization: Bearer <Firebase ID token>'")
-    return principal
-
-
-def _timestamp(value: datetime) -> Timestamp:
-    timestamp = Timestamp()
-    timestamp.FromDatetime(value)
-    return timestamp

@@ -9,10 +9,7 @@ functions that act for a caller raise Unauthenticated with reason ACCOUNT_DELETE
 
 from __future__ import annotations
 
-import base64
-import binascii
 import dataclasses
-import json
 import logging
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
@@ -21,6 +18,7 @@ from functions.events.v1 import events_pb2
 from google.protobuf.field_mask_pb2 import FieldMask
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from app.platform import pagination
 from app.platform.context import Principal
 from app.platform.errors import (
     Aborted,
@@ -41,9 +39,9 @@ from app.users.model import (
     UserProfile,
 )
 from app.users.validation import (
+    check_lookup_text,
     check_photo_url,
     check_profile_changes,
-    check_lookup_text,
     check_update_mask,
     is_control_character,
     shown,
@@ -53,8 +51,6 @@ log = logging.getLogger(__name__)
 
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 100
-# Version prefix of page tokens, so the token format can change without misreading old ones.
-PAGE_TOKEN_PREFIX = "v1."
 # An update without an etag is retried on a fresh read this many times when a concurrent
 # update wins, because the caller asked for last-writer-wins.
 MAX_UPDATE_ATTEMPTS = 3
@@ -292,43 +288,6 @@ def profile_from_principal(principal: Principal, now: datetime) -> UserProfile:
     )
 
 
-def encode_page_token(after_uid: str, email_prefix: str) -> str:
-    """Build the opaque token of the page after `after_uid` for the same email prefix."""
-    payload = json.dumps([after_uid, email_prefix], separators=(",", ":")).encode()
-    return PAGE_TOKEN_PREFIX + base64.urlsafe_b64encode(payload).rstrip(b"=").decode("ascii")
-
-
-def decode_page_token(page_token: str, email_prefix: str) -> str:
-    """Decode a page token into the uid its page starts after.
-
-    Raise InvalidInput when list_profiles did not issue the token or issued it for another prefix.
-    """
-    invalid = InvalidInput(
-        FieldViolation("page_token", f"must be a next_page_token returned by ListUsers: got {shown(page_token)}")
-    )
-    if not page_token.startswith(PAGE_TOKEN_PREFIX):
-        raise invalid
-    encoded = page_token.removeprefix(PAGE_TOKEN_PREFIX)
-    try:
-        payload = base64.b64decode(encoded + "=" * (-len(encoded) % 4), altchars=b"-_", validate=True)
-        after_uid, token_prefix = json.loads(payload)
-    except (binascii.Error, ValueError, TypeError, RecursionError):
-        raise invalid from None
-    if not isinstance(after_uid, str) or not isinstance(token_prefix, str) or not 0 < len(after_uid) <= UID_MAX_LENGTH:
-        raise invalid
-    if check_lookup_text(after_uid) is not None:
-        raise invalid
-
-    if token_prefix != email_prefix:
-        raise InvalidInput(
-            FieldViolation(
-                "page_token",
-                f"must come from a request with the same email_prefix: got a token for {shown(token_prefix)}",
-            )
-        )
-    return after_uid
-
-
 async def _find_or_create_profile(session: AsyncSession, principal: Principal, now: datetime | None) -> UserProfile:
     """Return the caller's profile, deleted or not, creating it on first sight."""
     profile = await store.find_user(session, principal.uid)
@@ -360,3 +319,19 @@ def _display_name_from_claim(name: object) -> str:
 def _copied(value: object) -> object:
     # A protobuf map or any other mapping becomes a plain dict the profile owns.
     return dict(value) if isinstance(value, Mapping) else value
+
+
+def encode_page_token(after_uid: str, email_prefix: str) -> str:
+    """Build the opaque token of the page after `after_uid` for the same email prefix."""
+    return pagination.encode_page_token(after_uid, [email_prefix])
+
+
+def decode_page_token(page_token: str, email_prefix: str) -> str:
+    """Decode a page token into the uid its page starts after.
+
+    Raise InvalidInput when list_profiles did not issue the token or issued it for another prefix.
+    """
+    after_uid = pagination.decode_page_token(page_token, [email_prefix], method="ListUsers", filter_names="email_prefix")
+    if not isinstance(after_uid, str) or not 0 < len(after_uid) <= UID_MAX_LENGTH or check_lookup_text(after_uid) is not None:
+        raise InvalidInput(FieldViolation("page_token", f"must be a next_page_token returned by ListUsers: got {shown(page_token)}"))
+    return after_uid

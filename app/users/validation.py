@@ -14,7 +14,7 @@ import zoneinfo
 from collections.abc import Iterable, Mapping
 from urllib.parse import urlsplit
 
-from app.platform.errors import FieldViolation
+from app.platform.errors import FieldViolation, shown
 from app.users.model import (
     BIO_MAX_LENGTH,
     DISPLAY_NAME_MAX_LENGTH,
@@ -38,14 +38,6 @@ _PREFERENCE_KEY_PATTERN = re.compile(r"[A-Za-z0-9_.-]+")
 _NOT_TIME_ZONES = frozenset({"localtime", "posixrules", "Factory"})
 # Line breaks and tabs are allowed in a bio, but no other control character.
 _BIO_ALLOWED_CONTROLS = frozenset("\n\r\t")
-_SHOWN_VALUE_MAX_LENGTH = 40
-
-
-def shown(value: str) -> str:
-    """Quote a received value for an error message, shortened when long."""
-    if len(value) <= _SHOWN_VALUE_MAX_LENGTH:
-        return repr(value)
-    return repr(value[:_SHOWN_VALUE_MAX_LENGTH]) + f"... ({len(value)} characters)"
 
 
 @functools.cache
