@@ -50,6 +50,7 @@ BREAKING_AGAINST ?= proto/baseline.binpb
 test: install pgbouncer
 	node_modules/.bin/buf lint
 	node_modules/.bin/buf breaking --against $(BREAKING_AGAINST)
+	$(BIN)/ruff check app tests scripts loadtests migrations
 	$(BIN)/python -m pytest
 
 # Record the current contracts as released: later changes are checked against them.

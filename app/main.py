@@ -17,10 +17,14 @@ from app.platform.context import Principal
 from app.platform.db import Database
 from app.platform.events import Consumer
 from app.platform.firebase import FirebaseAdmin
-from app.platform.health import HealthASGIApplication, HealthService, healthz, readyz_endpoint
+from app.platform.health import (
+    HealthASGIApplication,
+    HealthService,
+    healthz,
+    readyz_endpoint,
+)
 from app.platform.interceptors import service_interceptors
 from app.platform.logs import configure_logging
-from app.platform.pgmq_engine import create_relay
 from app.platform.middleware import (
     AuthMiddleware,
     CORSMiddleware,
@@ -28,8 +32,13 @@ from app.platform.middleware import (
     NotFoundApp,
     RequestContextMiddleware,
 )
-from app.platform.observability import ObservabilityMiddleware, configure_observability, metrics_routes
+from app.platform.observability import (
+    ObservabilityMiddleware,
+    configure_observability,
+    metrics_routes,
+)
 from app.platform.overload import OverloadGuardMiddleware
+from app.platform.pgmq_engine import create_relay
 from app.platform.ratelimit import RateLimitMiddleware
 from app.platform.reflection import reflection_apps
 from app.platform.storage import ObjectStorage, create_storage
@@ -97,7 +106,11 @@ def build_consumers(
 
         consumers.append(disable_sign_in_consumer(firebase or FirebaseAdmin.from_settings(settings)))
     if "notifications" in settings.enabled_services:
-        from app.notifications.events import process_hub, user_deleted_consumer, welcome_consumer
+        from app.notifications.events import (
+            process_hub,
+            user_deleted_consumer,
+            welcome_consumer,
+        )
 
         consumers.append(welcome_consumer(process_hub))
         consumers.append(user_deleted_consumer())
@@ -143,7 +156,9 @@ def build_services(
         )
         services.append(UserServiceASGIApplication(handler, **options))
     if "notifications" in settings.enabled_services:
-        from functions.notification.v1.notification_connect import NotificationServiceASGIApplication
+        from functions.notification.v1.notification_connect import (
+            NotificationServiceASGIApplication,
+        )
 
         from app.notifications.events import process_hub
         from app.notifications.handler import NotificationHandler

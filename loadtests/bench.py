@@ -53,7 +53,14 @@ if str(ROOT) not in sys.path:
 from app.settings import Settings  # noqa: E402
 from loadtests.load_generators import INSTALL_HINTS, LoadResult, run_h2load, run_wrk  # noqa: E402
 from loadtests.profiling import finish_py_spy, start_py_spy, summarize_profile  # noqa: E402
-from loadtests.scenarios import BENCH_EMAIL, BENCH_UID, BenchmarkError, Scenario, build_scenarios, check_scenario  # noqa: E402
+from loadtests.scenarios import (  # noqa: E402
+    BENCH_EMAIL,
+    BENCH_UID,
+    BenchmarkError,
+    Scenario,
+    build_scenarios,
+    check_scenario,
+)
 from loadtests.server_process import (  # noqa: E402
     BenchServer,
     count_logged_calls,

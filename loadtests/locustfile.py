@@ -30,12 +30,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
+import grpc
+import grpc.experimental.gevent
+
 # Importing locust patches the standard library for gevent. grpcio must then be switched to
 # gevent before the first channel exists, or each of its calls blocks every other user.
 from locust import FastHttpUser, User, between, task
-
-import grpc
-import grpc.experimental.gevent
 
 grpc.experimental.gevent.init_gevent()
 
@@ -48,6 +48,7 @@ if str(ROOT) not in sys.path:
 
 from functions.auth.v1 import auth_pb2  # noqa: E402
 from functions.user.v1 import user_pb2  # noqa: E402
+
 from loadtests.tokens import Credential, load_credentials  # noqa: E402
 
 CALL_TIMEOUT_SECONDS = 10.0

@@ -13,9 +13,9 @@ from logging.config import fileConfig
 from alembic import context
 from sqlalchemy.engine import Connection
 
-import app.platform.events  # noqa: F401 - registers the event tables on Base.metadata
 import app.files.model  # noqa: F401 - registers the files table on Base.metadata
 import app.notifications.model  # noqa: F401 - registers the notifications tables on Base.metadata
+import app.platform.events  # noqa: F401 - registers the event tables on Base.metadata
 import app.users.model  # noqa: F401 - registers the users tables on Base.metadata
 from app.platform.db import Base, Database, engine_config
 from app.settings import Settings

@@ -8,8 +8,13 @@ from datetime import datetime
 from sqlalchemy import delete, func, insert, literal, select, text, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from app.notifications.model import (
+    Notification,
+    NotificationRow,
+    TopicFollowerRow,
+    notification_from_row,
+)
 from app.platform.db import insert_ignoring_conflicts
-from app.notifications.model import Notification, NotificationRow, TopicFollowerRow, notification_from_row
 
 
 async def add_notification(session: AsyncSession, uid: str, title: str, body: str, create_time: datetime) -> Notification:

@@ -22,15 +22,26 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import DateTime, Insert, MetaData, event, text
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy import exc as sa_exc
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import URL, Dialect, make_url
-from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
+from sqlalchemy.ext.asyncio import (
+    AsyncEngine,
+    AsyncSession,
+    async_sessionmaker,
+    create_async_engine,
+)
 from sqlalchemy.orm import DeclarativeBase
 from sqlalchemy.types import TypeDecorator
 
 from app.platform.deadlines import install_statement_timeout
-from app.platform.errors import Aborted, DeadlineExceeded, FieldViolation, InvalidInput, Unavailable
+from app.platform.errors import (
+    Aborted,
+    DeadlineExceeded,
+    FieldViolation,
+    InvalidInput,
+    Unavailable,
+)
 from app.settings import Settings
 
 log = logging.getLogger(__name__)

@@ -25,13 +25,28 @@ from datetime import UTC, datetime
 from google.protobuf.message import Message
 from opentelemetry import propagate, trace
 from opentelemetry.trace import SpanKind
-from sqlalchemy import Index, Integer, LargeBinary, String, Text, delete, insert, select, update
+from sqlalchemy import (
+    Index,
+    Integer,
+    LargeBinary,
+    String,
+    Text,
+    delete,
+    insert,
+    select,
+    update,
+)
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Mapped, mapped_column
 
 from app.platform.context import current_principal, current_request_id, request_id_var
 from app.platform.db import Base, Database, UtcDateTime, insert_ignoring_conflicts
-from app.platform.errors import FailedPrecondition, InvalidInput, FieldViolation, NotFound
+from app.platform.errors import (
+    FailedPrecondition,
+    FieldViolation,
+    InvalidInput,
+    NotFound,
+)
 
 log = logging.getLogger(__name__)
 _tracer = trace.get_tracer(__name__)

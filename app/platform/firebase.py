@@ -28,7 +28,14 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from app.platform.auth.tokens import TokenRejected, format_time
 from app.platform.context import Principal
-from app.platform.errors import FailedPrecondition, FieldViolation, InvalidInput, NotFound, ServiceError, Unavailable
+from app.platform.errors import (
+    FailedPrecondition,
+    FieldViolation,
+    InvalidInput,
+    NotFound,
+    ServiceError,
+    Unavailable,
+)
 
 if TYPE_CHECKING:
     from firebase_admin import auth

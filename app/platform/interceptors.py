@@ -8,12 +8,17 @@ from typing import Any
 
 from connectrpc.errors import ConnectError
 from connectrpc.request import RequestContext
-
 from functions.options.v1 import options_pb2
 
 from app.platform.context import auth_error_var, current_request_id, principal_var
 from app.platform.deadlines import DEFAULT_DEADLINE_SECONDS, DeadlineInterceptor
-from app.platform.errors import PermissionDenied, ServiceError, Unauthenticated, internal_error, to_connect_error
+from app.platform.errors import (
+    PermissionDenied,
+    ServiceError,
+    Unauthenticated,
+    internal_error,
+    to_connect_error,
+)
 from app.platform.policy import AccessPolicy, policy_for
 
 log = logging.getLogger(__name__)

@@ -15,7 +15,13 @@ import uuid
 
 from connectrpc.code import Code
 
-from app.platform.context import Principal, auth_error_var, principal_var, request_id_var, trace_id_var
+from app.platform.context import (
+    Principal,
+    auth_error_var,
+    principal_var,
+    request_id_var,
+    trace_id_var,
+)
 from app.platform.errors import ServiceError, Unauthenticated
 from app.platform.wire import detect_protocol, header, send_error
 

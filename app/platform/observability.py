@@ -25,7 +25,14 @@ from connectrpc.code import Code
 from opentelemetry import propagate, trace
 from opentelemetry.propagators.textmap import Getter
 from opentelemetry.trace import SpanKind, Status, StatusCode
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
 from prometheus_client.core import GaugeMetricFamily
 from starlette.requests import Request
 from starlette.responses import Response
@@ -418,7 +425,9 @@ def disable_tracing() -> None:
 
 def trace_engine(tracer_provider: trace.TracerProvider, sync_engine) -> None:
     """Open a child span for every SQL statement of this engine, once per engine."""
-    from opentelemetry.instrumentation.sqlalchemy import __version__ as sqlalchemy_instrumentation_version
+    from opentelemetry.instrumentation.sqlalchemy import (
+        __version__ as sqlalchemy_instrumentation_version,
+    )
     from opentelemetry.instrumentation.sqlalchemy.engine import EngineTracer
     from opentelemetry.metrics import NoOpMeterProvider
 

@@ -9,9 +9,8 @@ from __future__ import annotations
 
 from functools import cache
 
-from google.protobuf import descriptor_pool
-
 from functions.options.v1 import options_pb2
+from google.protobuf import descriptor_pool
 
 AccessPolicy = options_pb2.AccessPolicy
 

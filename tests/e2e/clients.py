@@ -26,13 +26,12 @@ import grpc
 import httpx
 from connectrpc.errors import ConnectError
 from connectrpc.protocol import ProtocolType
-from google.protobuf import json_format
-from google.protobuf.message import Message
-from google.rpc import error_details_pb2, status_pb2
-
 from functions.auth.v1 import auth_connect
 from functions.file.v1 import file_connect
 from functions.user.v1 import user_connect
+from google.protobuf import json_format
+from google.protobuf.message import Message
+from google.rpc import error_details_pb2, status_pb2
 
 
 class Protocol(enum.Enum):

@@ -14,7 +14,13 @@ import pytest
 
 from tests.databases import BACKENDS, database_url
 from tests.servers import RunningServer, run_migrations, run_server
-from tests.support import CertificateServer, certs_document, firebase_claims, rsa_key, sign_rs256
+from tests.support import (
+    CertificateServer,
+    certs_document,
+    firebase_claims,
+    rsa_key,
+    sign_rs256,
+)
 
 PROJECT_ID = "functions-e2e"
 KEY_ID = "e2e-key"

@@ -10,9 +10,8 @@ from __future__ import annotations
 import uuid
 
 import pytest
-from google.protobuf import field_mask_pb2
-
 from functions.user.v1 import user_pb2
+from google.protobuf import field_mask_pb2
 
 from tests.e2e.clients import Protocol, RpcError, call
 

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import httpx
 import pytest
-
 from functions.user.v1 import user_pb2
 
 from tests.e2e.conftest import ALLOWED_ORIGIN, KEY_ID, PROJECT_ID, server_env

@@ -12,13 +12,20 @@ import uuid
 import grpc
 import httpx
 import pytest
-from google.protobuf import field_mask_pb2
-
 from functions.user.v1 import user_pb2
+from google.protobuf import field_mask_pb2
 
 from tests.e2e.clients import Protocol, RpcError, call
 from tests.e2e.conftest import KEY_ID, PROJECT_ID
-from tests.support import OMIT, firebase_claims, public_key_pem, rsa_key, sign_hs256, sign_rs256, unsigned_token
+from tests.support import (
+    OMIT,
+    firebase_claims,
+    public_key_pem,
+    rsa_key,
+    sign_hs256,
+    sign_rs256,
+    unsigned_token,
+)
 
 USERS = "functions.user.v1.UserService"
 MATRIX_PROTOCOLS = [Protocol.CONNECT_JSON, Protocol.GRPC]

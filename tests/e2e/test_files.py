@@ -26,10 +26,10 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import httpx
 import pytest
-from PIL import Image
-
 from functions.file.v1 import file_pb2
 from functions.user.v1 import user_pb2
+from PIL import Image
+
 from tests.e2e.clients import Protocol, RpcError, call, call_client_stream
 from tests.e2e.conftest import Tokens, server_env
 from tests.servers import ROOT, RunningServer, run_migrations, start_server

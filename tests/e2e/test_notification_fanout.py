@@ -13,7 +13,13 @@ import pytest
 
 from tests.databases import POSTGRES_MISSING, POSTGRES_URL_VARIABLE, postgres_database
 from tests.e2e.conftest import Tokens, server_env
-from tests.e2e.test_notifications import new_uid, read_notification, read_replay, send, subscribe
+from tests.e2e.test_notifications import (
+    new_uid,
+    read_notification,
+    read_replay,
+    send,
+    subscribe,
+)
 from tests.servers import RunningServer, run_migrations, run_server
 
 pytestmark = pytest.mark.skipif(not os.environ.get(POSTGRES_URL_VARIABLE), reason=POSTGRES_MISSING)

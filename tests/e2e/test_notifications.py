@@ -21,10 +21,10 @@ import httpx
 import pytest
 from connectrpc.errors import ConnectError
 from connectrpc.protocol import ProtocolType
-from google.protobuf import json_format
-
 from functions.notification.v1 import notification_connect, notification_pb2
 from functions.user.v1 import user_pb2
+from google.protobuf import json_format
+
 from tests.databases import database_url
 from tests.e2e.clients import Protocol, RpcError, call
 from tests.e2e.conftest import Tokens, server_env

@@ -30,7 +30,11 @@ from functions.events.v1 import events_pb2
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from app.notifications.events import USER_DELETED_CONSUMER_NAME, WELCOME_CONSUMER_NAME, WELCOME_TITLE
+from app.notifications.events import (
+    USER_DELETED_CONSUMER_NAME,
+    WELCOME_CONSUMER_NAME,
+    WELCOME_TITLE,
+)
 from app.platform.db import Database
 from app.platform.pgmq_engine import queue_name
 from app.settings import Settings

@@ -17,11 +17,10 @@ import httpx
 import pytest
 from connectrpc.method import IdempotencyLevel, MethodInfo, StreamType
 from connectrpc.server import ConnectASGIApplication, Endpoint
+from functions.user.v1 import user_connect, user_pb2
 from grpc_health.v1 import health_pb2
 from starlette.applications import Starlette
 from starlette.routing import Mount
-
-from functions.user.v1 import user_connect, user_pb2
 
 from app.main import platform_middleware
 from app.platform.codecs import server_codecs

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from functions.events.v1 import events_pb2
 from sqlalchemy import func, select
 
 from app.notifications.events import WELCOME_TITLE
@@ -28,7 +29,6 @@ from app.platform.db import UNAVAILABLE_MESSAGE, Database
 from app.platform.events import DeadLetterRow, OutboxEventRow
 from app.settings import Settings
 from app.users.model import UserRow
-from functions.events.v1 import events_pb2
 from tests.e2e.conftest import Tokens, server_env
 from tests.servers import RunningServer, run_migrations, run_server
 from tests.support.private_postgres import PrivatePostgres, private_postgres

@@ -15,10 +15,9 @@ from pathlib import Path
 
 import httpx
 import pytest
+from functions.auth.v1 import auth_pb2
 from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2
-
-from functions.auth.v1 import auth_pb2
 
 from tests.e2e.clients import ALL_PROTOCOLS, Protocol, RpcError, call
 from tests.e2e.conftest import server_env

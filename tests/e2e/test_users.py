@@ -6,9 +6,8 @@ import uuid
 
 import httpx
 import pytest
-from google.protobuf import field_mask_pb2
-
 from functions.user.v1 import user_pb2
+from google.protobuf import field_mask_pb2
 
 from tests.e2e.clients import ALL_PROTOCOLS, Protocol, RpcError, call
 

@@ -16,8 +16,13 @@ from pathlib import Path
 import pytest
 
 from app.platform.db import Database, migrate
+from tests.databases import (
+    POSTGRES_MISSING,
+    POSTGRES_URL_VARIABLE,
+    create_postgres_database,
+    drop_postgres_database,
+)
 from tests.integration.factories import settings_for
-from tests.databases import POSTGRES_MISSING, POSTGRES_URL_VARIABLE, create_postgres_database, drop_postgres_database
 
 
 @pytest.fixture(scope="session")

@@ -31,7 +31,6 @@ from tests.integration.factories import new_profile, settings_for
 from tests.servers import free_port
 
 
-
 @pytest.mark.parametrize(
     ("url", "expected"),
     [

@@ -29,9 +29,27 @@ expected rejection reason, built with a `TokenMaker` (project, published key, ot
 
 from tests.support.cert_server import CertificateServer, unused_loopback_url
 from tests.support.clock import FakeClock
-from tests.support.keys import certificate_pem, certs_document, certs_json, public_key_pem, rsa_key
-from tests.support.token_cases import CLOCK_SKEW_SECONDS, TOKEN_CASES, TokenCase, TokenMaker
-from tests.support.tokens import OMIT, assemble, firebase_claims, sign_hs256, sign_rs256, unsigned_token
+from tests.support.keys import (
+    certificate_pem,
+    certs_document,
+    certs_json,
+    public_key_pem,
+    rsa_key,
+)
+from tests.support.token_cases import (
+    CLOCK_SKEW_SECONDS,
+    TOKEN_CASES,
+    TokenCase,
+    TokenMaker,
+)
+from tests.support.tokens import (
+    OMIT,
+    assemble,
+    firebase_claims,
+    sign_hs256,
+    sign_rs256,
+    unsigned_token,
+)
 
 __all__ = [
     "CLOCK_SKEW_SECONDS",

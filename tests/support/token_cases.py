@@ -9,7 +9,13 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from tests.support.keys import public_key_pem
-from tests.support.tokens import OMIT, firebase_claims, sign_hs256, sign_rs256, unsigned_token
+from tests.support.tokens import (
+    OMIT,
+    firebase_claims,
+    sign_hs256,
+    sign_rs256,
+    unsigned_token,
+)
 
 
 @dataclass(frozen=True)

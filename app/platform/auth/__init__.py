@@ -2,7 +2,11 @@
 
 from app.platform.auth.certificates import CertificateSource
 from app.platform.auth.devkeys import DevKeys, ensure_dev_keys, mint_token
-from app.platform.auth.tokens import CertificatesUnavailable, FirebaseTokenVerifier, TokenRejected
+from app.platform.auth.tokens import (
+    CertificatesUnavailable,
+    FirebaseTokenVerifier,
+    TokenRejected,
+)
 
 __all__ = [
     "CertificateSource",

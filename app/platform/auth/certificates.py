@@ -23,7 +23,11 @@ import httpx
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric.rsa import RSAPublicKey
 
-from app.platform.auth.tokens import CertificatesUnavailable, TokenRejected, describe_value
+from app.platform.auth.tokens import (
+    CertificatesUnavailable,
+    TokenRejected,
+    describe_value,
+)
 
 logger = logging.getLogger(__name__)
 

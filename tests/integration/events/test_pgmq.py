@@ -18,8 +18,20 @@ from functions.events.v1 import events_pb2
 from sqlalchemy import select, text
 
 from app.platform.db import Database, migrate
-from app.platform.events import Consumer, DeadLetterRow, Event, OutboxEventRow, ProcessedEventRow, record_event
-from app.platform.pgmq_engine import PgmqEventRelay, check_events_engine, create_relay, queue_name
+from app.platform.events import (
+    Consumer,
+    DeadLetterRow,
+    Event,
+    OutboxEventRow,
+    ProcessedEventRow,
+    record_event,
+)
+from app.platform.pgmq_engine import (
+    PgmqEventRelay,
+    check_events_engine,
+    create_relay,
+    queue_name,
+)
 from tests.databases import (
     POSTGRES_MISSING,
     POSTGRES_URL_VARIABLE,

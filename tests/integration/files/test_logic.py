@@ -36,7 +36,16 @@ from app.platform.errors import (
 )
 from app.platform.events import EventRelay, OutboxEventRow, record_event
 from app.platform.storage.port import ObjectNotFound, ObjectStorage
-from tests.support.files import bomb_png, exif_of, gif_bytes, has_gps, jpeg_with_exif, pdf_bytes, png_bytes, webp_bytes
+from tests.support.files import (
+    bomb_png,
+    exif_of,
+    gif_bytes,
+    has_gps,
+    jpeg_with_exif,
+    pdf_bytes,
+    png_bytes,
+    webp_bytes,
+)
 from tests.support.supabase_storage import SupabaseStorageStandIn
 
 TEXT = b"plain text, nothing more\n"

@@ -28,7 +28,6 @@ from app.platform.storage.signing import SIGNING_KEY_FILE, load_or_create_signin
 from app.settings import Settings
 from tests.servers import ROOT, serve_in_thread
 
-
 # RFC 6266: a quoted ASCII fallback without quotes or backslashes, then the RFC 5987 ext-value.
 DISPOSITION = re.compile(
     r"(?P<type>inline|attachment); filename=\"(?P<fallback>[ !#-\[\]-~]*)\"; filename\*=UTF-8''(?P<encoded>[A-Za-z0-9%!#$&+\-.^_`|~]+)"

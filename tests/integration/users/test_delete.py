@@ -19,7 +19,13 @@ from sqlalchemy import func, select
 
 from app.platform.context import Principal, principal_var
 from app.platform.db import Database
-from app.platform.errors import Aborted, FailedPrecondition, NotFound, Unauthenticated, Unavailable
+from app.platform.errors import (
+    Aborted,
+    FailedPrecondition,
+    NotFound,
+    Unauthenticated,
+    Unavailable,
+)
 from app.platform.events import OutboxEventRow
 from app.users import logic
 from app.users.handler import UserHandler

@@ -20,9 +20,8 @@ from app.platform.db import Database
 from app.platform.errors import Aborted, NotFound
 from app.users import logic, store
 from app.users.handler import UserHandler
-from tests.integration.factories import new_profile
 from app.users.model import UserPreferenceRow, UserProfile, UserRow
-
+from tests.integration.factories import new_profile
 
 
 def new_uid() -> str:

@@ -5,7 +5,13 @@ from __future__ import annotations
 import pytest
 
 from app.files.sniff import normalize_content_type, sniff_content_type
-from tests.support.files import gif_bytes, jpeg_with_exif, pdf_bytes, png_bytes, webp_bytes
+from tests.support.files import (
+    gif_bytes,
+    jpeg_with_exif,
+    pdf_bytes,
+    png_bytes,
+    webp_bytes,
+)
 
 
 @pytest.mark.parametrize(

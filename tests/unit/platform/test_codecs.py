@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import pytest
 from connectrpc.errors import ConnectError
-from google.protobuf import descriptor_pb2
-
 from functions.options.v1 import options_pb2
 from functions.user.v1 import user_pb2
+from google.protobuf import descriptor_pb2
 
 from app.platform.codecs import CompactJSONCodec
 

@@ -27,7 +27,12 @@ from app.platform.deadlines import (
 from app.platform.health import HealthASGIApplication, HealthService
 from app.platform.interceptors import service_interceptors
 from app.settings import Settings
-from tests.databases import POSTGRES_MISSING, POSTGRES_URL_VARIABLE, create_postgres_database, drop_postgres_database
+from tests.databases import (
+    POSTGRES_MISSING,
+    POSTGRES_URL_VARIABLE,
+    create_postgres_database,
+    drop_postgres_database,
+)
 
 
 class FakeContext:

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import pytest
-from google.protobuf import descriptor_pool
-
 from functions.auth.v1 import auth_pb2
 from functions.options.v1 import options_pb2
 from functions.user.v1 import user_pb2
+from google.protobuf import descriptor_pool
 
 from app.platform.policy import policy_for
 

@@ -7,15 +7,21 @@ import json
 import logging
 
 import pytest
-from google.rpc import error_details_pb2
-
 from functions.auth.v1 import auth_pb2
 from functions.options.v1 import options_pb2
 from functions.user.v1 import user_pb2
+from google.rpc import error_details_pb2
 
 from app.platform import ratelimit
 from app.platform.context import Principal, principal_var
-from app.platform.ratelimit import CallLimiter, RateLimitMiddleware, caller_key, client_ip, parse_limits, rpc_of
+from app.platform.ratelimit import (
+    CallLimiter,
+    RateLimitMiddleware,
+    caller_key,
+    client_ip,
+    parse_limits,
+    rpc_of,
+)
 from app.settings import Settings
 from tests.servers import free_port
 

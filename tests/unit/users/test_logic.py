@@ -14,7 +14,13 @@ from functions.user.v1 import user_pb2
 
 from app.platform.context import Principal
 from app.platform.db import Database, migrate
-from app.platform.errors import Aborted, FieldViolation, InvalidInput, NotFound, Unauthenticated
+from app.platform.errors import (
+    Aborted,
+    FieldViolation,
+    InvalidInput,
+    NotFound,
+    Unauthenticated,
+)
 from app.settings import Settings
 from app.users import logic, store
 from app.users.handler import UserHandler
