@@ -453,6 +453,20 @@ async def test_range_request_gets_partial_content(deployment, protocol, tokens: 
     assert partial.headers["content-range"] == f"bytes 100-199/{len(data)}"
 
 
+async def test_upload_url_cannot_replace_completed_file(deployment, protocol, tokens: Tokens) -> None:
+    token = tokens.mint(new_uid())
+    data = b"the accepted text\n"
+    created = await create_upload(deployment, protocol, token, data, "text/plain")
+    assert (await put(created, data)).status_code == 200
+    await complete(deployment, protocol, token, created.file.id)
+
+    replaced = await put(created, b"other bytes\n" + b" " * (len(data) - 12))
+    served = await fetch((await download_url(deployment, protocol, token, created.file.id)).url)
+
+    assert replaced.status_code in (400, 409)
+    assert served.content == data
+
+
 async def test_tampered_url_is_rejected(deployment, protocol, tokens: Tokens) -> None:
     token = tokens.mint(new_uid())
     uploaded = await upload_via_url(deployment, protocol, token, TEXT, "text/plain")

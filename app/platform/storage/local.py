@@ -122,7 +122,8 @@ class LocalStorage:
     ) -> str:
         """Return a URL that takes one PUT of at most `max_bytes` of `content_type` until it expires.
 
-        The PUT must send the same Content-Type, and it replaces any object under the key.
+        The PUT must send the same Content-Type. It fails with 409 while an object exists under
+        the key, so the URL cannot replace bytes that were already accepted.
         """
         check_key(key)
         check_content_type(content_type)

@@ -227,6 +227,8 @@ async def _upload(storage: LocalStorage, request: Request) -> Response:
     declared = _int_or_none(request.headers.get("content-length", ""))
     if declared is not None and declared > max_bytes:
         return _error(413, f"body must be at most {max_bytes} bytes")
+    if await asyncio.to_thread(storage.object_path(key).exists):
+        return _error(409, "an object was already uploaded with this URL")
 
     return await _receive_object(storage, request, key, content_type, max_bytes)
 
@@ -251,7 +253,11 @@ async def _receive_object(storage: LocalStorage, request: Request, key: str, con
                 log.info("upload ended by the client before the body was complete", extra={"key": key})
                 return _error(400, "incomplete body")
             await asyncio.to_thread(storage.finish_temporary, file, size, digest.hexdigest(), content_type)
-        await asyncio.to_thread(os.replace, temporary, path)
+        try:
+            # A link, unlike a rename, fails when another PUT stored an object in the meantime.
+            await asyncio.to_thread(os.link, temporary, path)
+        except FileExistsError:
+            return _error(409, "an object was already uploaded with this URL")
     finally:
         await asyncio.to_thread(temporary.unlink, missing_ok=True)
 

@@ -81,8 +81,9 @@ class ObjectStorage(Protocol):
     ) -> str:
         """Return an absolute URL that takes one PUT of the object's bytes until it expires.
 
-        The PUT sends the bytes as the body with `content_type` as its Content-Type, and it
-        replaces any object under the key.
+        The PUT sends the bytes as the body with `content_type` as its Content-Type. It fails
+        while an object exists under the key, so the URL cannot replace bytes that were already
+        uploaded and accepted; once they are deleted, the URL works again.
         """
         ...
 

@@ -18,7 +18,6 @@ import httpx
 from pydantic import ValidationError
 from storage3 import AsyncStorageClient
 from storage3.exceptions import StorageApiError
-from storage3.types import CreateSignedUploadUrlOptions
 from storage3.utils import StorageException
 
 from app.platform.storage.keys import check_content_type, check_key
@@ -183,7 +182,7 @@ class SupabaseStorage:
     async def signed_upload_url(
         self, key: str, *, expires_in_seconds: int, content_type: str, max_bytes: int
     ) -> str:
-        """Return a URL that takes one PUT of the object's bytes, replacing any object under the key.
+        """Return a URL that takes one PUT of the object's bytes while no object exists under the key.
 
         NOTE: Supabase signs only the path. It does not bind `content_type` or `max_bytes`, because
         only the bucket's own limits apply, and the URL stays valid for two hours whatever
@@ -191,9 +190,9 @@ class SupabaseStorage:
         """
         check_key(key)
         check_content_type(content_type)
-        # Replace any object under the key on upload, as put() and the local adapter do.
-        options = CreateSignedUploadUrlOptions(upsert="true")
-        reply = await self._call("sign upload", key, lambda: self._bucket.create_signed_upload_url(key, options))
+        # Without upsert, Storage refuses the PUT while an object exists under the key, so the URL
+        # cannot replace bytes that were already accepted.
+        reply = await self._call("sign upload", key, lambda: self._bucket.create_signed_upload_url(key))
         return _absolute_url(reply.get("signed_url"), key)
 
     async def aclose(self) -> None:

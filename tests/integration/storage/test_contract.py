@@ -47,6 +47,23 @@ async def test_empty_object_round_trips(storage) -> None:
     assert (await storage.info(key)).size == 0
 
 
+async def test_signed_upload_url_cannot_replace_an_object(storage) -> None:
+    key = f"{new_uid()}/file-1"
+    url = await storage.signed_upload_url(key, expires_in_seconds=60, content_type="text/plain", max_bytes=100)
+    async with httpx.AsyncClient() as client:
+        first = await client.put(url, content=b"accepted bytes", headers={"content-type": "text/plain"})
+        second = await client.put(url, content=b"replacement", headers={"content-type": "text/plain"})
+        await storage.delete([key])
+        after_delete = await client.put(url, content=b"uploaded again", headers={"content-type": "text/plain"})
+
+    assert first.status_code == 200
+    # Local answers 409; Supabase answers 400 with statusCode "409" in the body.
+    assert second.status_code in (400, 409)
+    assert "409" in second.text or second.status_code == 409
+    assert after_delete.status_code == 200
+    assert await storage.get(key) == b"uploaded again"
+
+
 async def test_put_replaces_existing_object(storage) -> None:
     key = f"{new_uid()}/file-1"
     await storage.put(key, b"first version", content_type="text/plain")

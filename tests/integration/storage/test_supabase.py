@@ -40,7 +40,10 @@ OPERATIONS = {
     "delete": lambda storage, key: storage.delete([key]),
     "list_keys": lambda storage, key: storage.list_keys(key.split("/")[0]),
     "signed_download_url": lambda storage, key: storage.signed_download_url(key, expires_in_seconds=60, file_name="a", inline=True),
-    "signed_upload_url": lambda storage, key: storage.signed_upload_url(key, expires_in_seconds=60, content_type="image/png", max_bytes=10),
+    # Signed for a new key below `key`: Storage refuses to sign an upload over an existing object.
+    "signed_upload_url": lambda storage, key: storage.signed_upload_url(
+        f"{key}/upload", expires_in_seconds=60, content_type="image/png", max_bytes=10
+    ),
 }
 
 
@@ -273,16 +276,14 @@ async def test_forged_download_token_is_rejected(supabase_storage: SupabaseStora
     assert b"secret" not in reply.content
 
 
-async def test_signed_upload_replaces_existing_object(supabase_storage: SupabaseStorage) -> None:
-    key = new_key()
-    await supabase_storage.put(key, b"old", content_type="text/plain")
+async def test_signed_upload_sends_no_upsert(supabase_storage: SupabaseStorage, supabase_standin: SupabaseStorageStandIn) -> None:
+    supabase_standin.reset()
 
-    url = await supabase_storage.signed_upload_url(key, expires_in_seconds=60, content_type="text/plain", max_bytes=10)
-    async with httpx.AsyncClient() as client:
-        reply = await client.put(url, content=b"new", headers={"content-type": "text/plain"})
+    await supabase_storage.signed_upload_url(new_key(), expires_in_seconds=60, content_type="text/plain", max_bytes=10)
 
-    assert reply.status_code == 200
-    assert await supabase_storage.get(key) == b"new"
+    signing = [request for request in supabase_standin.requests if "/object/upload/sign/" in request.path]
+    assert signing
+    assert all("x-upsert" not in request.headers for request in signing)
 
 
 @pytest.mark.parametrize(("url", "service_key"), [("http://127.0.0.1:1", ""), ("http://127.0.0.1:1", " key "), ("127.0.0.1:1", "key")])
