@@ -152,7 +152,11 @@ def build_services(
         from app.users.handler import UserHandler
 
         handler = UserHandler(
-            database, firebase, on_account_deleted=on_account_deleted, disable_retried=settings.has_firebase_accounts
+            database,
+            firebase,
+            on_account_deleted=on_account_deleted,
+            disable_retried=settings.has_firebase_accounts,
+            firebase_accounts=settings.has_firebase_accounts,
         )
         services.append(UserServiceASGIApplication(handler, **options))
     if "notifications" in settings.enabled_services:

@@ -30,6 +30,7 @@ class UserHandler:
         *,
         on_account_deleted: Callable[[str], None] | None = None,
         disable_retried: bool = False,
+        firebase_accounts: bool = True,
     ) -> None:
         """Create the service.
 
@@ -40,11 +41,14 @@ class UserHandler:
                 user's cached tokens.
             disable_retried: whether the UserDeleted consumer of app.users.events runs. DeleteMe
                 then succeeds when Firebase is unavailable, because that consumer retries.
+            firebase_accounts: false when users sign in with development keys, so that they have
+                no Firebase account for DeleteMe to disable.
         """
         self._database = database
         self._firebase = firebase
         self._on_account_deleted = on_account_deleted
         self._disable_retried = disable_retried
+        self._firebase_accounts = firebase_accounts
 
     async def get_me(self, request: user_pb2.GetMeRequest, ctx: RequestContext, /) -> user_pb2.GetMeResponse:
         principal = require_principal()
@@ -85,6 +89,9 @@ class UserHandler:
             profile = await logic.delete_profile(session, principal, request.etag)
         if self._on_account_deleted is not None:
             self._on_account_deleted(profile.uid)
+        if not self._firebase_accounts:
+            log.info("deleted user signs in with development keys: no Firebase account to disable", extra={"uid": profile.uid})
+            return user_pb2.DeleteMeResponse(uid=profile.uid, delete_time=timestamp_of(profile.delete_time))
         try:
             await logic.disable_sign_in(self._firebase, profile.uid)
         except Unavailable:

@@ -13,7 +13,10 @@ import pytest
 from functions.user.v1 import user_pb2
 from google.protobuf import field_mask_pb2
 
+from app.platform.auth import ensure_dev_keys, mint_token
+from app.settings import DEV_PROJECT_ID
 from tests.e2e.clients import Protocol, RpcError, call
+from tests.servers import run_migrations, run_server
 
 USERS = "functions.user.v1.UserService"
 MAIN_PROTOCOLS = [Protocol.CONNECT_JSON, Protocol.GRPC]
@@ -109,3 +112,25 @@ async def test_delete_me_without_token_is_unauthenticated(protocol, server) -> N
     error = await delete_me(protocol, server, None)
 
     assert error.code == "unauthenticated"
+
+
+async def test_delete_me_with_development_keys_succeeds(tmp_path) -> None:
+    """With development keys, as `make run` signs users in, there is no Firebase account to disable."""
+    env = {
+        "DATABASE_URL": f"sqlite+aiosqlite:///{tmp_path / 'dev.db'}",
+        "DEV_KEYS_DIR": str(tmp_path / "dev-keys"),
+        "FIREBASE_CERTS_URL": "",
+        "FIREBASE_AUTH_EMULATOR_HOST": "",
+        "ENABLED_SERVICES": "auth,users",
+    }
+    run_migrations(env)
+    token = mint_token(ensure_dev_keys(tmp_path / "dev-keys"), project_id=DEV_PROJECT_ID, uid=new_uid("dev"))
+    with run_server(env, tmp_path / "server.log") as server:
+        await get_me(Protocol.CONNECT_JSON, server, token)
+        reply = await call(
+            Protocol.CONNECT_JSON, server.address, USERS, "DeleteMe", user_pb2.DeleteMeRequest(), user_pb2.DeleteMeResponse, token=token
+        )
+        after = await rpc_error(Protocol.CONNECT_JSON, server, token, "GetMe", user_pb2.GetMeRequest(), user_pb2.GetMeResponse)
+
+    assert reply.HasField("delete_time")
+    assert (after.code, after.reason) == ("unauthenticated", "ACCOUNT_DELETED")
