@@ -27,6 +27,7 @@ from app.platform.interceptors import service_interceptors
 from app.platform.logs import configure_logging
 from app.platform.middleware import (
     AuthMiddleware,
+    BareRpcErrorMiddleware,
     CORSMiddleware,
     GrpcWebTextMiddleware,
     NotFoundApp,
@@ -206,6 +207,7 @@ def platform_middleware(settings: Settings, verifier: FirebaseTokenVerifier) -> 
         Middleware(AuthMiddleware, verifier=verifier),
         # After auth, so that signed-in callers are limited by uid rather than by IP.
         Middleware(RateLimitMiddleware, settings=settings),
+        Middleware(BareRpcErrorMiddleware),
     ]
     if settings.benchmark_endpoints:
         middleware.insert(0, Middleware(RawBenchmarkMiddleware))

@@ -29,14 +29,15 @@ _JSON_TYPE_NAMES = {dict: "object", list: "array", str: "string", bool: "boolean
 
 
 class CompactJSONCodec(Codec[Message, M]):
-    """Protobuf JSON without indentation, read strictly except for unknown fields.
+    """Protobuf JSON without indentation, read strictly.
 
     connectrpc's JSON codec for google.protobuf indents by two spaces, which makes
     CPython's json module fall back from its C encoder to the pure-Python one.
     Reading follows the protobuf JSON mapping, so int64 values may be strings or
-    numbers and enums names or numbers. Unknown fields are dropped, so newer
-    clients can talk to older servers, but a known field of the wrong JSON type is
-    an error: google.protobuf's own lenient mode would read `"user": "x"` as an
+    numbers and enums names or numbers. A key that names no field is an error
+    naming it, because a misspelled field would otherwise be read as unset, and an
+    update mask would then clear it. A known field of the wrong JSON type is an
+    error too: google.protobuf's own lenient mode would read `"user": "x"` as an
     empty message.
     """
 
@@ -51,7 +52,7 @@ class CompactJSONCodec(Codec[Message, M]):
         message = message_class()
         try:
             value = json.loads(data) if data else {}
-            _drop_unknown_fields(value, message.DESCRIPTOR, "")
+            _check_fields(value, message.DESCRIPTOR, "")
             json_format.ParseDict(value, message)
         except InvalidInput as error:
             raise to_connect_error(error, current_request_id()) from None
@@ -78,8 +79,8 @@ def _fields_by_json_key(descriptor: Descriptor) -> dict[str, FieldDescriptor]:
     return fields
 
 
-def _drop_unknown_fields(value: Any, descriptor: Descriptor, path: str) -> None:
-    """Remove keys that name no field, and raise InvalidInput where a message is not a JSON object."""
+def _check_fields(value: Any, descriptor: Descriptor, path: str) -> None:
+    """Raise InvalidInput for a key that names no field, or where a message is not a JSON object."""
     if descriptor.full_name in _SPECIAL_JSON_TYPES:
         return
     if not isinstance(value, dict):
@@ -91,8 +92,8 @@ def _drop_unknown_fields(value: Any, descriptor: Descriptor, path: str) -> None:
     for key in list(value):
         field = fields.get(key)
         if field is None:
-            del value[key]
-            continue
+            unknown_path = f"{path}.{key}" if path else key
+            raise InvalidInput(FieldViolation(unknown_path, f"is not a field of {descriptor.full_name}: check its spelling"))
         field_path = f"{path}.{field.name}" if path else field.name
         if field.name in seen:
             raise InvalidInput(FieldViolation(field_path, f"must appear once: got both {field.name} and {field.json_name}"))
@@ -105,13 +106,13 @@ def _drop_unknown_fields(value: Any, descriptor: Descriptor, path: str) -> None:
             value_type = field.message_type.fields_by_name["value"].message_type
             if value_type is not None and isinstance(item, dict):
                 for map_key, map_value in item.items():
-                    _drop_unknown_fields(map_value, value_type, f"{field_path}[{map_key}]")
+                    _check_fields(map_value, value_type, f"{field_path}[{map_key}]")
         elif field.is_repeated:
             if isinstance(item, list):
                 for index, element in enumerate(item):
-                    _drop_unknown_fields(element, field.message_type, f"{field_path}[{index}]")
+                    _check_fields(element, field.message_type, f"{field_path}[{index}]")
         else:
-            _drop_unknown_fields(item, field.message_type, field_path)
+            _check_fields(item, field.message_type, field_path)
 
 
 def server_codecs() -> list[Codec]:

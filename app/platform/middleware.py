@@ -14,6 +14,8 @@ import time
 import uuid
 
 from connectrpc.code import Code
+from connectrpc.errors import ConnectError
+from google.protobuf import descriptor_pool
 
 from app.platform.context import (
     Principal,
@@ -22,8 +24,15 @@ from app.platform.context import (
     request_id_var,
     trace_id_var,
 )
-from app.platform.errors import ServiceError, Unauthenticated
-from app.platform.wire import detect_protocol, header, send_error
+from app.platform.errors import ServiceError, Unauthenticated, error_info
+from app.platform.wire import (
+    Protocol,
+    connect_error_body,
+    detect_protocol,
+    header,
+    send_error,
+    split_rpc_path,
+)
 
 log = logging.getLogger(__name__)
 access_log = logging.getLogger("app.access")
@@ -339,6 +348,74 @@ class AuthMiddleware:
             auth_error_var.set(Unauthenticated("ID token could not be verified", reason="VERIFICATION_FAILED"))
             return
         principal_var.set(principal)
+
+
+class BareRpcErrorMiddleware:
+    """Give connectrpc's bodiless 404, 405 and 415 replies to Connect calls an error body that says what to send.
+
+    connectrpc answers an unknown method of a known service, a GET of a method with side
+    effects and an unsupported content type with a status and no body, which tells a curl user
+    nothing. The status and headers stay; the body becomes a Connect error naming the problem.
+    """
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http" or detect_protocol(scope) is not Protocol.CONNECT:
+            await self.app(scope, receive, send)
+            return
+        service, method = split_rpc_path(scope["path"])
+        if not service:
+            await self.app(scope, receive, send)
+            return
+        replaced = False
+
+        async def send_with_body(message) -> None:
+            nonlocal replaced
+            if message["type"] == "http.response.start" and message["status"] in _BARE_ERROR_STATUSES:
+                headers = list(message.get("headers", ()))
+                if not any(key == b"content-type" for key, _ in headers):
+                    replaced = True
+                    code, text = _bare_error(scope, message["status"], service, method)
+                    error = ConnectError(code, text, [error_info(code.name, request_id_var.get())])
+                    body = connect_error_body(error)
+                    headers = [
+                        (key, value) for key, value in headers if key != b"content-length"
+                    ] + [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+                    await send({"type": "http.response.start", "status": message["status"], "headers": headers})
+                    await send({"type": "http.response.body", "body": body})
+                    return
+            if replaced:
+                # The bodiless reply's own body messages are dropped: the error body was sent.
+                return
+            await send(message)
+
+        await self.app(scope, receive, send_with_body)
+
+
+_BARE_ERROR_STATUSES = frozenset({404, 405, 415})
+
+
+def _bare_error(scope, status: int, service: str, method: str) -> tuple[Code, str]:
+    if status == 404:
+        return Code.UNIMPLEMENTED, f"{service} has no method {method}: list its methods with server reflection"
+    if status == 405:
+        return Code.UNIMPLEMENTED, f"{service}/{method} must be called with POST: only methods without side effects take GET"
+    sent = header(scope, b"content-type") or "no content-type"
+    if _is_streaming(service, method):
+        wanted = "application/connect+json or application/connect+proto, with enveloped messages (a Connect streaming client)"
+    else:
+        wanted = "application/json or application/proto"
+    return Code.INVALID_ARGUMENT, f"{service}/{method} takes content-type {wanted}: got {sent}"
+
+
+def _is_streaming(service: str, method: str) -> bool:
+    try:
+        descriptor = descriptor_pool.Default().FindServiceByName(service).FindMethodByName(method)
+    except KeyError:
+        return False
+    return descriptor is not None and (descriptor.client_streaming or descriptor.server_streaming)
 
 
 class NotFoundApp:

@@ -16,7 +16,6 @@ import base64
 import binascii
 import json
 import logging
-import re
 import threading
 import time
 import weakref
@@ -40,7 +39,7 @@ from starlette.routing import Route
 
 from app.platform.context import auth_error_var, request_id_var, trace_id_var
 from app.platform.middleware import RPC_CODE_SCOPE_KEY
-from app.platform.wire import GRPC_STATUS, Protocol, detect_protocol
+from app.platform.wire import GRPC_STATUS, Protocol, detect_protocol, split_rpc_path
 from app.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -70,8 +69,6 @@ RATE_LIMIT_REJECTIONS = Counter(
 _UNTRACKED_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
 # Non-RPC paths that end in an object key: the local storage adapter's signed URLs.
 _KEYED_PATH_PREFIXES = ("/storage/v1/local/",)
-# An RPC path is /<package.Service>/<Method>.
-_RPC_PATH = re.compile(r"^/([A-Za-z_][A-Za-z0-9_.]*)/([A-Za-z_][A-Za-z0-9_]*)$")
 # Callers choose the path, so method labels are capped: later unknown names count as "other".
 MAX_METHOD_LABELS = 256
 OTHER_METHOD = "other"
@@ -104,7 +101,7 @@ _metrics_server_port: int | None = None
 
 
 class ObservabilityMiddleware:
-    """Open a server span per RPC and record its metrics."""
+    """Open a server span per request and record the metrics of RPCs."""
 
     def __init__(self, app, settings: Settings) -> None:
         self.app = app
@@ -116,6 +113,14 @@ class ObservabilityMiddleware:
             return
 
         reply = ReplyRecorder(detect_protocol(scope))
+        if not split_rpc_path(scope["path"])[0]:
+            # Not an RPC, such as a signed-URL download: a span, but no RPC code or metrics.
+            if _tracer is None:
+                await self.app(scope, receive, send)
+            else:
+                await self._call_traced(_tracer, scope, receive, send, reply)
+            return
+
         started = time.perf_counter()
         RPC_IN_FLIGHT.inc()
         try:
@@ -132,7 +137,7 @@ class ObservabilityMiddleware:
 
     async def _call_traced(self, tracer: trace.Tracer, scope, receive, send, reply: ReplyRecorder) -> None:
         parent = propagate.extract(scope["headers"], getter=_SCOPE_HEADERS)
-        service, method = _split_rpc_path(scope["path"])
+        service, method = split_rpc_path(scope["path"])
         attributes = {
             "rpc.system": "connect_rpc" if reply.protocol is Protocol.CONNECT else "grpc",
             "rpc.service": service,
@@ -265,14 +270,9 @@ def _route_of(path: str) -> str:
     return path
 
 
-def _split_rpc_path(path: str) -> tuple[str, str]:
-    match = _RPC_PATH.match(path)
-    return (match.group(1), match.group(2)) if match else ("", "")
-
-
 def method_label(path: str, code: str) -> str:
     """Return the metrics label of a call's method: `<service>/<method>`, or "other" for unknown paths."""
-    service, method = _split_rpc_path(path)
+    service, method = split_rpc_path(path)
     if not service or code == "unimplemented":
         return OTHER_METHOD
     label = f"{service}/{method}"

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import enum
 import json
+import re
 from base64 import b64encode
 from urllib.parse import quote
 
@@ -70,6 +71,16 @@ class Protocol(enum.Enum):
     CONNECT = "connect"
     GRPC = "grpc"
     GRPC_WEB = "grpc-web"
+
+
+# An RPC path is /<package.Service>/<Method>.
+_RPC_PATH = re.compile(r"^/([A-Za-z_][A-Za-z0-9_.]*)/([A-Za-z_][A-Za-z0-9_]*)$")
+
+
+def split_rpc_path(path: str) -> tuple[str, str]:
+    """Return the service and method an RPC path names, or two empty strings for another path."""
+    match = _RPC_PATH.match(path)
+    return (match.group(1), match.group(2)) if match else ("", "")
 
 
 def header(scope: dict, name: bytes) -> str:

@@ -223,17 +223,48 @@ def test_malformed_json_is_invalid_argument(server, tokens) -> None:
     assert response.json()["code"] == "invalid_argument"
 
 
-def test_unknown_json_fields_are_ignored(server, tokens) -> None:
-    uid = new_uid("unknown")
-
+def test_misspelled_json_field_is_named(server, tokens) -> None:
+    """A misspelled field would otherwise read as unset, and the update mask would clear it."""
     response = httpx.post(
-        f"{server.url}/{USERS}/GetMe",
-        content=b'{"someFutureField": {"nested": [1, 2]}}',
-        headers={"content-type": "application/json", "authorization": f"Bearer {tokens.mint(uid)}"},
+        f"{server.url}/{USERS}/UpdateMe",
+        content=b'{"updateMask": "displayName", "user": {"display_nam": "A"}}',
+        headers={"content-type": "application/json", "authorization": f"Bearer {tokens.mint(new_uid('typo'))}"},
     )
 
-    assert response.status_code == 200
-    assert response.json()["user"]["uid"] == uid
+    assert response.status_code == 400
+    assert response.json()["code"] == "invalid_argument"
+    assert response.json()["message"] == "user.display_nam is not a field of functions.user.v1.User: check its spelling"
+
+
+@pytest.mark.parametrize(
+    ("path", "headers", "status", "message"),
+    [
+        (f"/{USERS}/GetMee", {"content-type": "application/json"}, 404, "functions.user.v1.UserService has no method GetMee"),
+        (f"/{USERS}/GetMe", {}, 415, "takes content-type application/json or application/proto: got no content-type"),
+        (
+            "/grpc.health.v1.Health/Watch",
+            {"content-type": "application/json"},
+            415,
+            "takes content-type application/connect+json or application/connect+proto",
+        ),
+    ],
+)
+def test_bare_rejections_get_an_error_body(server, tokens, path, headers, status, message) -> None:
+    response = httpx.post(
+        f"{server.url}{path}", content=b"{}", headers={**headers, "authorization": f"Bearer {tokens.mint(new_uid('bare'))}"}
+    )
+
+    assert response.status_code == status
+    assert message in response.json()["message"]
+
+
+def test_get_of_method_with_side_effects_gets_an_error_body(server, tokens) -> None:
+    response = httpx.get(
+        f"{server.url}/{USERS}/UpdateMe?encoding=json&message=%7B%7D", headers={"authorization": f"Bearer {tokens.mint(new_uid('get'))}"}
+    )
+
+    assert response.status_code == 405
+    assert response.json()["message"].endswith("must be called with POST: only methods without side effects take GET")
 
 
 def test_oversized_json_body_is_resource_exhausted(server, tokens) -> None:

@@ -40,12 +40,24 @@ def test_proto_field_names_are_accepted() -> None:
     assert message.email_prefix == "a"
 
 
-def test_unknown_fields_are_dropped_at_every_depth() -> None:
-    body = b'{"user": {"displayName": "A", "mood": {"x": [1]}}, "newTopLevel": true}'
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        (
+            b'{"user": {"display_nam": "A"}, "updateMask": "displayName"}',
+            "user.display_nam is not a field of functions.user.v1.User: check its spelling",
+        ),
+        (
+            b'{"user": {"displayName": "A"}, "newTopLevel": true}',
+            "newTopLevel is not a field of functions.user.v1.UpdateMeRequest: check its spelling",
+        ),
+    ],
+)
+def test_unknown_fields_are_named(body: bytes, message: str) -> None:
+    with pytest.raises(ConnectError) as raised:
+        codec.decode(body, user_pb2.UpdateMeRequest)
 
-    message = codec.decode(body, user_pb2.UpdateMeRequest)
-
-    assert message.user.display_name == "A"
+    assert raised.value.message == message
 
 
 def test_empty_body_is_empty_message() -> None:
