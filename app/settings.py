@@ -69,6 +69,9 @@ class Settings(BaseSettings):
 
     # Calls handled at once per process; more get `unavailable` at once instead of queueing.
     max_concurrent_requests: int = Field(default=256, ge=1)
+    # Server streams (Subscribe, Health/Watch) open at once per process; they do not take the
+    # slots of other calls, because they last as long as their clients stay.
+    max_concurrent_streams: int = Field(default=1024, ge=1)
     # Deadline for calls that carry none (connect-timeout-ms, grpc-timeout); it also bounds SQL.
     default_deadline_seconds: float = Field(default=30.0, gt=0)
     # Seconds in-flight unary calls get to finish after SIGTERM; below fly.toml's kill_timeout.

@@ -15,7 +15,6 @@ import uuid
 
 from connectrpc.code import Code
 from connectrpc.errors import ConnectError
-from google.protobuf import descriptor_pool
 
 from app.platform.context import (
     Principal,
@@ -30,6 +29,7 @@ from app.platform.wire import (
     connect_error_body,
     detect_protocol,
     header,
+    method_descriptor,
     send_error,
     split_rpc_path,
 )
@@ -411,10 +411,7 @@ def _bare_error(scope, status: int, service: str, method: str) -> tuple[Code, st
 
 
 def _is_streaming(service: str, method: str) -> bool:
-    try:
-        descriptor = descriptor_pool.Default().FindServiceByName(service).FindMethodByName(method)
-    except KeyError:
-        return False
+    descriptor = method_descriptor(service, method)
     return descriptor is not None and (descriptor.client_streaming or descriptor.server_streaming)
 
 

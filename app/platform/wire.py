@@ -9,6 +9,7 @@ trailers.
 from __future__ import annotations
 
 import enum
+import functools
 import json
 import re
 from base64 import b64encode
@@ -16,7 +17,8 @@ from urllib.parse import quote
 
 from connectrpc.code import Code
 from connectrpc.errors import ConnectError
-from google.protobuf import any_pb2
+from google.protobuf import any_pb2, descriptor_pool
+from google.protobuf.descriptor import MethodDescriptor
 from google.rpc import status_pb2
 
 from app.platform.context import current_request_id
@@ -81,6 +83,15 @@ def split_rpc_path(path: str) -> tuple[str, str]:
     """Return the service and method an RPC path names, or two empty strings for another path."""
     match = _RPC_PATH.match(path)
     return (match.group(1), match.group(2)) if match else ("", "")
+
+
+@functools.lru_cache(maxsize=1024)
+def method_descriptor(service: str, method: str) -> MethodDescriptor | None:
+    """Return the descriptor of an RPC from the generated code's descriptor pool, or None if there is none."""
+    try:
+        return descriptor_pool.Default().FindServiceByName(service).FindMethodByName(method)
+    except KeyError:
+        return None
 
 
 def header(scope: dict, name: bytes) -> str:

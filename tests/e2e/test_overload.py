@@ -1,6 +1,8 @@
-"""The overload guard on a real server: past MAX_CONCURRENT_REQUESTS, calls fail fast with `unavailable`.
+"""The overload guard on a real server: past its limits, calls fail fast with `unavailable`.
 
-Health/Watch streams hold the slots: each stays in flight until the client closes it.
+Unary calls whose body never finishes arriving hold MAX_CONCURRENT_REQUESTS slots, and open
+Health/Watch streams hold MAX_CONCURRENT_STREAMS slots; each stays in flight until its client
+goes away.
 """
 
 from __future__ import annotations
@@ -8,6 +10,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import json
+import socket
 import time
 from collections.abc import Iterator
 
@@ -21,6 +24,7 @@ from tests.e2e.conftest import server_env
 from tests.servers import RunningServer, run_server
 
 MAX_CONCURRENT_REQUESTS = 2
+MAX_CONCURRENT_STREAMS = 2
 CHECK_PATH = "/grpc.health.v1.Health/Check"
 WATCH_PATH = "/grpc.health.v1.Health/Watch"
 # A rejection must not wait for a slot; this bounds it with plenty of room for a slow CI machine.
@@ -35,6 +39,7 @@ def overload_server(tmp_path_factory, cert_server) -> Iterator[RunningServer]:
         f"sqlite+aiosqlite:///{directory / 'functions.db'}",
         DEV_KEYS_DIR=str(directory / "dev-keys"),
         MAX_CONCURRENT_REQUESTS=str(MAX_CONCURRENT_REQUESTS),
+        MAX_CONCURRENT_STREAMS=str(MAX_CONCURRENT_STREAMS),
     )
     with run_server(env, directory / "server.log") as running:
         yield running
@@ -68,6 +73,31 @@ def open_watches(server: RunningServer, count: int) -> Iterator[None]:
         yield
 
 
+def in_flight(server: RunningServer) -> float:
+    """Return the server's rpc_server_in_flight_requests gauge."""
+    for line in httpx.get(f"{server.url}/metrics", timeout=10.0).text.splitlines():
+        if line.startswith("rpc_server_in_flight_requests "):
+            return float(line.split()[1])
+    raise AssertionError("the server reports no rpc_server_in_flight_requests gauge")
+
+
+@contextlib.contextmanager
+def hold_calls(server: RunningServer, count: int) -> Iterator[None]:
+    """Hold `count` unary Check calls in flight: each sends its headers and one of 10 body bytes."""
+    request = (
+        f"POST {CHECK_PATH} HTTP/1.1\r\nHost: 127.0.0.1\r\ncontent-type: application/json\r\n"
+        "content-length: 10\r\n\r\n{"
+    ).encode()
+    with contextlib.ExitStack() as stack:
+        for _ in range(count):
+            connection = stack.enter_context(socket.create_connection(("127.0.0.1", server.port), timeout=10.0))
+            connection.sendall(request)
+        deadline = time.monotonic() + 5.0
+        while in_flight(server) < count and time.monotonic() < deadline:
+            time.sleep(0.02)
+        yield
+
+
 def error_reason(body: dict) -> str:
     for detail in body.get("details", []):
         if detail["type"] == "google.rpc.ErrorInfo":
@@ -93,7 +123,7 @@ def wait_until_check_succeeds(server: RunningServer, timeout: float = 5.0) -> ht
 
 
 def test_call_past_limit_is_unavailable_over_json(overload_server) -> None:
-    with open_watches(overload_server, MAX_CONCURRENT_REQUESTS):
+    with hold_calls(overload_server, MAX_CONCURRENT_REQUESTS):
         started = time.monotonic()
         response = check_over_json(overload_server)
         elapsed = time.monotonic() - started
@@ -107,7 +137,7 @@ def test_call_past_limit_is_unavailable_over_json(overload_server) -> None:
 
 
 def test_call_past_limit_is_unavailable_over_grpc_web(overload_server) -> None:
-    with open_watches(overload_server, MAX_CONCURRENT_REQUESTS):
+    with hold_calls(overload_server, MAX_CONCURRENT_REQUESTS):
         response = httpx.post(
             f"{overload_server.url}{CHECK_PATH}",
             content=envelope(health_pb2.HealthCheckRequest().SerializeToString()),
@@ -122,7 +152,7 @@ def test_call_past_limit_is_unavailable_over_grpc_web(overload_server) -> None:
 
 def test_call_past_limit_is_unavailable_over_grpc(overload_server) -> None:
     with (
-        open_watches(overload_server, MAX_CONCURRENT_REQUESTS),
+        hold_calls(overload_server, MAX_CONCURRENT_REQUESTS),
         grpc.insecure_channel(overload_server.address) as channel,
     ):
         stub = health_pb2_grpc.HealthStub(channel)
@@ -137,7 +167,7 @@ def test_call_past_limit_is_unavailable_over_grpc(overload_server) -> None:
 
 
 def test_healthz_answers_while_saturated(overload_server) -> None:
-    with open_watches(overload_server, MAX_CONCURRENT_REQUESTS):
+    with hold_calls(overload_server, MAX_CONCURRENT_REQUESTS):
         healthz = httpx.get(f"{overload_server.url}/healthz", timeout=10.0)
         readyz = httpx.get(f"{overload_server.url}/readyz", timeout=10.0)
 
@@ -146,7 +176,7 @@ def test_healthz_answers_while_saturated(overload_server) -> None:
 
 
 def test_preflight_answers_while_saturated(overload_server) -> None:
-    with open_watches(overload_server, MAX_CONCURRENT_REQUESTS):
+    with hold_calls(overload_server, MAX_CONCURRENT_REQUESTS):
         response = httpx.options(
             f"{overload_server.url}{CHECK_PATH}",
             headers={"origin": "https://app.example", "access-control-request-method": "POST"},
@@ -157,7 +187,7 @@ def test_preflight_answers_while_saturated(overload_server) -> None:
 
 
 def test_calls_succeed_after_load_drops(overload_server) -> None:
-    with open_watches(overload_server, MAX_CONCURRENT_REQUESTS):
+    with hold_calls(overload_server, MAX_CONCURRENT_REQUESTS):
         rejected = check_over_json(overload_server)
 
     response = wait_until_check_succeeds(overload_server)
@@ -168,7 +198,27 @@ def test_calls_succeed_after_load_drops(overload_server) -> None:
 
 
 def test_calls_below_limit_succeed(overload_server) -> None:
-    with open_watches(overload_server, MAX_CONCURRENT_REQUESTS - 1):
+    with hold_calls(overload_server, MAX_CONCURRENT_REQUESTS - 1):
+        response = check_over_json(overload_server)
+
+    assert response.status_code == 200
+
+
+def test_stream_past_limit_is_unavailable(overload_server) -> None:
+    with open_watches(overload_server, MAX_CONCURRENT_STREAMS):
+        response = httpx.post(
+            f"{overload_server.url}{WATCH_PATH}",
+            content=envelope(b"{}"),
+            headers={"content-type": "application/connect+json"},
+            timeout=10.0,
+        )
+
+    assert response.status_code == 503
+    assert response.json()["message"] == "server has its maximum of open streams: retry with backoff"
+
+
+def test_open_streams_leave_calls_alone(overload_server) -> None:
+    with open_watches(overload_server, MAX_CONCURRENT_STREAMS):
         response = check_over_json(overload_server)
 
     assert response.status_code == 200
