@@ -136,7 +136,7 @@ def build_services(
     called with the uid of each account that DeleteMe deletes.
     """
     options = {
-        "interceptors": service_interceptors(settings.default_deadline_seconds),
+        "interceptors": service_interceptors(settings.default_deadline_seconds, settings.max_deadline_seconds),
         "read_max_bytes": settings.max_request_bytes,
         "codecs": server_codecs(),
     }
@@ -244,12 +244,13 @@ def create_app(settings: Settings | None = None) -> Starlette:
     service_names = [app.path.strip("/") for app in services]
     health = HealthService(service_names, is_ready)
     health.shutting_down = shutting_down
-    platform_options = {"interceptors": service_interceptors(settings.default_deadline_seconds), "codecs": server_codecs()}
+    interceptors = service_interceptors(settings.default_deadline_seconds, settings.max_deadline_seconds)
+    platform_options = {"interceptors": interceptors, "codecs": server_codecs()}
     rpc_apps = [
         *services,
         HealthASGIApplication(health, **platform_options),
         # Reflection's own messages are protobuf-py ones, so it keeps connectrpc's default codecs.
-        *reflection_apps([*service_names, "grpc.health.v1.Health"], interceptors=service_interceptors(settings.default_deadline_seconds)),
+        *reflection_apps([*service_names, "grpc.health.v1.Health"], interceptors=interceptors),
     ]
 
     @contextlib.asynccontextmanager

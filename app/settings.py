@@ -74,6 +74,8 @@ class Settings(BaseSettings):
     max_concurrent_streams: int = Field(default=1024, ge=1)
     # Deadline for calls that carry none (connect-timeout-ms, grpc-timeout); it also bounds SQL.
     default_deadline_seconds: float = Field(default=30.0, gt=0)
+    # Longest deadline a unary or client-streaming call gets; longer client deadlines are cut to it.
+    max_deadline_seconds: float = Field(default=300.0, gt=0)
     # Seconds in-flight unary calls get to finish after SIGTERM; below fly.toml's kill_timeout.
     shutdown_grace_seconds: float = Field(default=20.0, ge=0)
 

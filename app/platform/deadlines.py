@@ -31,6 +31,7 @@ from app.settings import Settings
 log = logging.getLogger(__name__)
 
 DEFAULT_DEADLINE_SECONDS: float = Settings.model_fields["default_deadline_seconds"].default
+MAX_DEADLINE_SECONDS: float = Settings.model_fields["max_deadline_seconds"].default
 DEADLINE_EXCEEDED_MESSAGE = "deadline exceeded: the call did not finish within its deadline"
 
 # The call's deadline on the time.monotonic() clock, or None outside a call.
@@ -87,10 +88,13 @@ class DeadlineInterceptor:
     their SQL runs without a statement timeout.
     """
 
-    def __init__(self, default_seconds: float = DEFAULT_DEADLINE_SECONDS) -> None:
+    def __init__(self, default_seconds: float = DEFAULT_DEADLINE_SECONDS, max_seconds: float = MAX_DEADLINE_SECONDS) -> None:
         if default_seconds <= 0:
             raise ValueError(f"default_seconds must be positive: got {default_seconds}")
+        if max_seconds < default_seconds:
+            raise ValueError(f"max_seconds must be at least default_seconds ({default_seconds}): got {max_seconds}")
         self.default_seconds = default_seconds
+        self.max_seconds = max_seconds
 
     async def intercept_unary(
         self, call_next: Callable[[Any, RequestContext], Awaitable[Any]], request: Any, ctx: RequestContext
@@ -104,11 +108,15 @@ class DeadlineInterceptor:
         return await self._bounded(call_next, request, ctx)
 
     def seconds_for(self, ctx: RequestContext) -> float:
-        """Return the seconds the call may run: the client's remaining time, else the default."""
+        """Return the seconds the call may run: the client's remaining time, else the default.
+
+        A client's deadline beyond max_seconds is cut to it, so that no caller holds a slot and
+        its buffers for hours.
+        """
         client_ms = ctx.timeout_ms
         if client_ms is None:
             return self.default_seconds
-        return max(client_ms / 1000, 0.0)
+        return min(max(client_ms / 1000, 0.0), self.max_seconds)
 
     async def _bounded(self, call_next: Callable[..., Awaitable[Any]], request: Any, ctx: RequestContext) -> Any:
         seconds = self.seconds_for(ctx)

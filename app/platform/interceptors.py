@@ -11,7 +11,11 @@ from connectrpc.request import RequestContext
 from functions.options.v1 import options_pb2
 
 from app.platform.context import auth_error_var, current_request_id, principal_var
-from app.platform.deadlines import DEFAULT_DEADLINE_SECONDS, DeadlineInterceptor
+from app.platform.deadlines import (
+    DEFAULT_DEADLINE_SECONDS,
+    MAX_DEADLINE_SECONDS,
+    DeadlineInterceptor,
+)
 from app.platform.errors import (
     PermissionDenied,
     ServiceError,
@@ -155,7 +159,13 @@ class ErrorInterceptor:
             check_owner(policy, request, ctx)
 
 
-def service_interceptors(default_deadline_seconds: float = DEFAULT_DEADLINE_SECONDS) -> list:
+def service_interceptors(
+    default_deadline_seconds: float = DEFAULT_DEADLINE_SECONDS, max_deadline_seconds: float = MAX_DEADLINE_SECONDS
+) -> list:
     """Return the interceptors every service application runs, outermost first."""
     # Authorization stays first: connectrpc runs leading metadata interceptors before reading the body.
-    return [AuthorizationInterceptor(), DeadlineInterceptor(default_deadline_seconds), ErrorInterceptor()]
+    return [
+        AuthorizationInterceptor(),
+        DeadlineInterceptor(default_deadline_seconds, max_deadline_seconds),
+        ErrorInterceptor(),
+    ]
