@@ -14,7 +14,7 @@ from starlette.routing import Mount, Route
 from app.platform.auth import CertificateSource, FirebaseTokenVerifier, ensure_dev_keys
 from app.platform.codecs import server_codecs
 from app.platform.context import Principal
-from app.platform.db import Database
+from app.platform.db import Database, head_revision
 from app.platform.events import Consumer
 from app.platform.firebase import FirebaseAdmin
 from app.platform.health import (
@@ -230,9 +230,15 @@ def create_app(settings: Settings | None = None) -> Starlette:
 
     async def is_ready() -> bool:
         try:
-            await asyncio.wait_for(database.ping(), READINESS_TIMEOUT_SECONDS)
+            revision = await asyncio.wait_for(database.schema_revision(), READINESS_TIMEOUT_SECONDS)
         except Exception as error:  # noqa: BLE001 - any failure means not ready
             log.warning("readiness check failed: %s", type(error).__name__)
+            return False
+        if revision != head_revision():
+            log.warning(
+                "not ready: the database schema is at revision %s and this build expects %s: run `python -m app migrate`",
+                revision, head_revision(),
+            )
             return False
         return True
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import sys
 from collections.abc import AsyncIterator
@@ -21,7 +22,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import DateTime, Insert, MetaData, event, text
+from sqlalchemy import DateTime, Insert, MetaData, event, inspect, text
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import URL, Dialect, make_url
@@ -327,6 +328,21 @@ class Database:
                 raise _unavailable(error) from error
             raise
 
+    async def schema_revision(self) -> str | None:
+        """Return the Alembic revision the database is at, or None before the first migration.
+
+        Raise Unavailable when the database cannot be reached.
+        """
+        try:
+            async with self.engine.connect() as connection:
+                if not await connection.run_sync(lambda sync_connection: inspect(sync_connection).has_table("alembic_version")):
+                    return None
+                return (await connection.execute(text("SELECT version_num FROM alembic_version"))).scalar()
+        except Exception as error:
+            if is_unavailable_error(error):
+                raise _unavailable(error) from error
+            raise
+
     async def dispose(self) -> None:
         """Close every pooled connection."""
         await self.engine.dispose()
@@ -360,6 +376,14 @@ async def migrate(settings: Settings) -> None:
         await database.dispose()
 
 
+@functools.cache
+def head_revision() -> str:
+    """Return the newest migration's revision, which this build's code expects the database at."""
+    from alembic.script import ScriptDirectory
+
+    return ScriptDirectory.from_config(alembic_config()).get_current_head()
+
+
 def alembic_config(connection: Any = None) -> Any:
     """Build the Alembic configuration. migrations/env.py migrates over `connection` when one is given."""
     from alembic.config import Config
@@ -383,3 +407,19 @@ def insert_ignoring_conflicts(session: AsyncSession, table: type[Base], values: 
     if dialect == "sqlite":
         return sqlite.insert(table).values(values).on_conflict_do_nothing()
     raise NotImplementedError(f"supported databases are postgresql and sqlite: got dialect {dialect!r}")
+
+
+async def lock_for_writing(session: AsyncSession, key: str, table: type[Base]) -> None:
+    """Make other transactions that lock the same `key` wait until this one ends; call it before reading.
+
+    On Postgres this takes a transaction-scoped advisory lock on the key, so only writers of the
+    same key wait. SQLite allows one writer at a time, so there an UPDATE of `table` that changes
+    no row makes this transaction the writer. Reading first would let two transactions read the
+    same state, and both would then act on it.
+    """
+    if session.get_bind().dialect.name == "postgresql":
+        # hashtext collisions only make writers of two keys wait for each other.
+        await session.execute(text("SELECT pg_advisory_xact_lock(hashtext(:key))"), {"key": key})
+        return
+    primary_key = table.__table__.primary_key.columns[0].name
+    await session.execute(text(f"UPDATE {table.__tablename__} SET {primary_key} = {primary_key} WHERE 0 = 1"))

@@ -11,7 +11,8 @@ import httpx
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from tests.servers import ROOT
+from tests.e2e.conftest import server_env
+from tests.servers import ROOT, run_migrations, run_server
 
 BUF = ROOT / "node_modules" / ".bin" / "buf"
 needs_buf = pytest.mark.skipif(not BUF.exists(), reason="node_modules/.bin/buf is missing: run `make install`")
@@ -69,3 +70,16 @@ def test_buf_curl_calls_get_me_through_reflection(server, tokens) -> None:
 
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["user"]["uid"] == "buf-user"
+
+
+def test_readyz_waits_for_migrations(tmp_path, cert_server) -> None:
+    env = server_env(cert_server, f"sqlite+aiosqlite:///{tmp_path / 'unmigrated.db'}", DEV_KEYS_DIR=str(tmp_path / "keys"))
+    with run_server(env, tmp_path / "server.log") as server:
+        before = httpx.get(f"{server.url}/readyz")
+        run_migrations(env)
+        after = httpx.get(f"{server.url}/readyz")
+        log = server.log()
+
+    assert before.status_code == 503
+    assert after.status_code == 200
+    assert "run `python -m app migrate`" in log

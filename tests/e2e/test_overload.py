@@ -21,7 +21,7 @@ from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from tests.e2e.conftest import server_env
-from tests.servers import RunningServer, run_server
+from tests.servers import RunningServer, run_migrations, run_server
 
 MAX_CONCURRENT_REQUESTS = 2
 MAX_CONCURRENT_STREAMS = 2
@@ -41,6 +41,8 @@ def overload_server(tmp_path_factory, cert_server) -> Iterator[RunningServer]:
         MAX_CONCURRENT_REQUESTS=str(MAX_CONCURRENT_REQUESTS),
         MAX_CONCURRENT_STREAMS=str(MAX_CONCURRENT_STREAMS),
     )
+    # Health checks report SERVING only once the database schema is current.
+    run_migrations(env)
     with run_server(env, directory / "server.log") as running:
         yield running
 
