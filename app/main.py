@@ -175,8 +175,12 @@ def build_services(
 
         from app.files.handler import FileHandler
         from app.files.logic import FileLimits, Files
+        from app.platform.storage.local import LocalStorage
 
         files = Files(database, storage, FileLimits.from_settings(settings))
+        if isinstance(storage, LocalStorage):
+            # PUTs to signed upload URLs of deleted, completed or expired files get 410.
+            storage.upload_gate = files.accepts_upload
         services.append(FileServiceASGIApplication(FileHandler(files), **options))
     return services
 

@@ -14,6 +14,13 @@ it READY, or FAILED with a reason. A PENDING file whose upload URL expired is re
 
 Removing a file deletes its row and records FileDeleted in one transaction, then deletes its
 objects. When storage fails at that point, the FileDeleted consumer deletes them later.
+
+A signed upload URL can outlive its file: Supabase URLs take a PUT for two hours and cannot be
+revoked, and a PUT to a local URL can race DeleteFile past the adapter's upload gate. So the
+transaction that removes a file also records its upload key in `revoked_uploads`, with a
+delete time after the last moment any URL to that key could still be writing. The sweeper
+deletes those objects at that time. This costs one row per file removed while its URL may
+work, kept for at most that lifetime, and no listing of storage.
 """
 
 from __future__ import annotations
@@ -32,6 +39,11 @@ from functions.events.v1 import events_pb2
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.files import images, store
+from app.files.concurrency import (
+    DEFAULT_MAX_PER_PROCESS,
+    DEFAULT_MAX_PER_USER,
+    UploadSlots,
+)
 from app.files.model import (
     FAILURE_REASON_MAX_LENGTH,
     FILE_ID_LENGTH,
@@ -73,6 +85,16 @@ MAX_PAGE_SIZE = 100
 # Expired uploads one sweep removes per unit of work.
 SWEEP_BATCH_SIZE = 100
 STORAGE_UNAVAILABLE_MESSAGE = "file storage unavailable; retry later"
+# Supabase signs upload URLs for two hours whatever lifetime is requested, and they cannot be
+# revoked (SupabaseStorage.signed_upload_url). No adapter's URLs live longer, unless
+# FILES_UPLOAD_URL_TTL_SECONDS is set higher.
+SUPABASE_UPLOAD_URL_LIFETIME_SECONDS = 2 * 60 * 60
+# A PUT that started just before its URL expired may still be writing after the expiry.
+# NOTE: this margin is an estimate. A PUT slower than it can still leave an object behind after
+# its revoked key was swept.
+UPLOAD_PUT_MARGIN_SECONDS = 10 * 60
+# Extensions of the thumbnail types, for the name a thumbnail downloads under.
+_THUMBNAIL_EXTENSIONS = {"image/jpeg": "jpg", "image/png": "png", "image/webp": "webp", "image/gif": "gif"}
 _FILE_ID_PATTERN = re.compile(rf"[0-9a-f]{{{FILE_ID_LENGTH}}}")
 _SHA256_PATTERN = re.compile(rf"[0-9a-fA-F]{{{SHA256_LENGTH}}}")
 
@@ -87,6 +109,9 @@ class FileLimits:
     allowed_types: frozenset[str]
     upload_url_ttl_seconds: int
     download_url_ttl_seconds: int
+    # Upload and CompleteUpload calls, which buffer a whole file, in progress at once.
+    max_concurrent_uploads_per_user: int = DEFAULT_MAX_PER_USER
+    max_concurrent_uploads: int = DEFAULT_MAX_PER_PROCESS
 
     @classmethod
     def from_settings(cls, settings: Settings) -> FileLimits:
@@ -143,6 +168,11 @@ class Files:
         self.database = database
         self.storage = storage
         self.limits = limits
+        # NOTE: each Upload and CompleteUpload call still buffers the whole file in memory, so
+        # these slots bound that memory at about FILES_MAX_BYTES × max_concurrent_uploads per process.
+        self.upload_slots = UploadSlots(
+            max_per_user=limits.max_concurrent_uploads_per_user, max_per_process=limits.max_concurrent_uploads
+        )
 
     async def create_upload(
         self, principal: Principal, name: str, content_type: str, size: int, sha256: str, *, now: datetime | None = None
@@ -187,16 +217,19 @@ class Files:
                 reason="UPLOAD_EXPIRED",
             )
 
-        data = await self._read_upload(file)
-        try:
-            digest = await asyncio.to_thread(self._check_content, file.content_type, file.size, file.sha256, data)
-        except ServiceError:
-            # The bytes are deleted, so that the next CompleteUpload reads a new PUT and not these.
-            await self._delete_objects([file.keys.original], file.id)
-            raise
-        await self._store_with_declared_type(file, data)
+        # One completion per file at a time: a second concurrent one fails with Aborted instead
+        # of reading the same bytes into memory again.
+        with self.upload_slots.hold(principal.uid, completing=file.id):
+            data = await self._read_upload(file)
+            try:
+                digest = await asyncio.to_thread(self._check_content, file.content_type, file.size, file.sha256, data)
+            except ServiceError:
+                # The bytes are deleted, so that the next CompleteUpload reads a new PUT and not these.
+                await self._delete_objects([file.keys.original], file.id)
+                raise
+            await self._store_with_declared_type(file, data)
 
-        return await self._accept(file, digest, now)
+            return await self._accept(file, digest, now)
 
     async def upload(
         self, principal: Principal, metadata: UploadMetadata, chunks: AsyncIterator[bytes], *, now: datetime | None = None
@@ -204,7 +237,8 @@ class Files:
         """Store a file sent as a stream of chunks and accept it, with the checks of CreateUpload and CompleteUpload.
 
         Reading stops with ResourceExhausted as soon as the bytes exceed the maximum file size or
-        the caller's quota, and with InvalidInput as soon as they exceed the declared size.
+        the caller's quota, and with InvalidInput as soon as they exceed the declared size. A
+        stream that ends short of the declared size fails with InvalidInput too.
         """
         now = now or datetime.now(UTC)
         name, content_type, sha256 = self._check_declaration(
@@ -212,13 +246,31 @@ class Files:
         )
         if metadata.size is not None:
             self._check_max_size(metadata.size)
+
+        with self.upload_slots.hold(principal.uid):
+            return await self._store_stream(principal, name, content_type, sha256, metadata.size, chunks, now)
+
+    async def _store_stream(
+        self,
+        principal: Principal,
+        name: str,
+        content_type: str,
+        sha256: str,
+        declared_size: int | None,
+        chunks: AsyncIterator[bytes],
+        now: datetime,
+    ) -> File:
         async with self.database.unit_of_work() as session:
             usage = await store.get_usage(session, principal.uid)
-        self._check_usage(usage, metadata.size if metadata.size is not None else 1)
+        self._check_usage(usage, declared_size if declared_size is not None else 1)
 
-        data = await self._read_chunks(chunks, metadata.size, usage)
-        if metadata.size is None and not data:
+        data = await self._read_chunks(chunks, declared_size, usage)
+        if declared_size is None and not data:
             raise InvalidInput(FieldViolation("chunk", "must carry at least 1 byte in total: got an empty stream"))
+        if declared_size is not None and len(data) != declared_size:
+            raise InvalidInput(
+                FieldViolation("size", f"must equal the number of uploaded bytes: declared {declared_size}, received {len(data)}")
+            )
         size = len(data)
         digest = await asyncio.to_thread(self._check_content, content_type, size, sha256, data)
 
@@ -281,8 +333,10 @@ class Files:
         if thumbnail and not file.has_thumbnail:
             raise FailedPrecondition(f"file {file.id} has no thumbnail: only images get one", reason="NO_THUMBNAIL")
 
+        file_name = file.name
         if thumbnail:
             key, content_type = file.keys.thumbnail, file.thumbnail_content_type
+            file_name = thumbnail_name(file.name, content_type)
         elif file.is_processed_image:
             # Images are served from the copy without EXIF, so no location or camera data leaks.
             key, content_type = file.keys.stripped, file.content_type
@@ -290,7 +344,7 @@ class Files:
             key, content_type = file.keys.original, file.content_type
         ttl = self.limits.download_url_ttl_seconds
         try:
-            url = await self.storage.signed_download_url(key, expires_in_seconds=ttl, file_name=file.name, inline=inline)
+            url = await self.storage.signed_download_url(key, expires_in_seconds=ttl, file_name=file_name, inline=inline)
         except StorageError as error:
             raise _storage_failure(error, "creating a download URL", file.id) from None
         return DownloadTarget(url=url, expire_time=now + timedelta(seconds=ttl), content_type=content_type)
@@ -304,22 +358,50 @@ class Files:
 
         async with self.database.unit_of_work() as session:
             file = await _visible_file(session, principal, file_id, for_update=True)
-            if etag and etag != file.etag:
+            if not etag:
+                return await store.update_file(session, file, name=name, update_time=now)
+            if etag != file.etag:
                 raise Aborted(f"file {file.id} was modified since etag {shown(etag)}; read it again and retry")
-            return await store.update_file(session, file, name=name, update_time=now)
+            # SQLite takes no row lock on the read above, so the version is checked again by the UPDATE.
+            renamed = await store.update_file_version(session, file, name=name, update_time=now)
+            if renamed is None:
+                raise Aborted(f"file {file.id} was modified since etag {shown(etag)}; read it again and retry")
+            return renamed
 
     async def delete_file(self, principal: Principal, file_id: str) -> None:
         """Delete a file in any status, and its stored objects."""
         async with self.database.unit_of_work() as session:
             file = await _visible_file(session, principal, file_id, for_update=True)
             await store.remove_file(session, file.id)
+            await revoke_upload_urls(session, [file], datetime.now(UTC))
             await record_event(session, events_pb2.FileDeleted(file_id=file.id, uid=file.uid))
 
         await self._delete_objects(file.keys.all, file.id)
         log.info("file deleted", extra={"uid": file.uid, "file_id": file.id})
 
+    async def accepts_upload(self, key: str, *, now: datetime | None = None) -> bool:
+        """Return whether a PUT to a signed upload URL of `key` may store its bytes.
+
+        True only while a pending file owns `key` as its upload key and its upload has not
+        expired. The local adapter calls it before and after it takes a PUT. A malformed key
+        returns False, and a database failure raises ServiceError.
+        """
+        now = now or datetime.now(UTC)
+        segment, _, file_id = key.partition("/")
+        if not segment or not _FILE_ID_PATTERN.fullmatch(file_id):
+            return False
+
+        async with self.database.unit_of_work() as session:
+            file = await store.find_file(session, file_id)
+        if file is None or file.status is not FileStatus.PENDING:
+            return False
+        return file.keys.original == key and now < file.upload_expire_time
+
     async def sweep_abandoned_uploads(self, *, now: datetime | None = None) -> int:
-        """Remove the pending files whose upload URL expired, and their objects; return how many."""
+        """Remove the pending files whose upload URL expired, and their objects; return how many.
+
+        Also deletes the objects of revoked upload keys whose delete time has come.
+        """
         now = now or datetime.now(UTC)
         removed: list[File] = []
         while True:
@@ -328,6 +410,7 @@ class Files:
                 for file in await store.list_expired_uploads(session, now, limit=SWEEP_BATCH_SIZE):
                     # Only a file still pending goes: a CompleteUpload may have accepted it since the list.
                     if await store.remove_file(session, file.id, status=FileStatus.PENDING):
+                        await revoke_upload_urls(session, [file], now)
                         await record_event(session, events_pb2.FileDeleted(file_id=file.id, uid=file.uid))
                         batch.append(file)
             for file in batch:
@@ -338,7 +421,32 @@ class Files:
 
         if removed:
             log.info("removed abandoned uploads", extra={"count": len(removed)})
+        await self._delete_revoked_uploads(now)
         return len(removed)
+
+    async def _delete_revoked_uploads(self, now: datetime) -> int:
+        """Delete the objects of revoked upload keys that are due, then their rows; return how many."""
+        deleted = 0
+        while True:
+            async with self.database.unit_of_work() as session:
+                keys = await store.list_due_revoked_uploads(session, now, limit=SWEEP_BATCH_SIZE)
+            if not keys:
+                break
+            try:
+                await self.storage.delete(keys)
+            except StorageError as error:
+                # The rows stay, so the next sweep tries these keys again.
+                log.warning("could not delete the objects of revoked uploads yet: %s", type(error).__name__)
+                break
+            async with self.database.unit_of_work() as session:
+                await store.remove_revoked_uploads(session, keys, now)
+            deleted += len(keys)
+            if len(keys) < SWEEP_BATCH_SIZE:
+                break
+
+        if deleted:
+            log.info("deleted the objects of revoked uploads", extra={"count": deleted})
+        return deleted
 
     def _check_declaration(self, name: str, content_type: str, sha256: str, size: int | None) -> tuple[str, str, str]:
         """Return the name, normalized content type and lower-case sha256, or raise InvalidInput naming every bad field."""
@@ -437,7 +545,7 @@ class Files:
                 self._check_max_size(received)
             if declared_size is not None and received > declared_size:
                 raise InvalidInput(
-                    FieldViolation("size", f"must equal the number of uploaded bytes: declared {declared_size}, received more")
+                    FieldViolation("size", f"must equal the number of uploaded bytes: declared {declared_size}, received at least {received}")
                 )
             self._check_usage(usage, received)
         return bytes(buffer)
@@ -525,8 +633,16 @@ async def process_uploaded_file(session: AsyncSession, storage: ObjectStorage, f
     # a dead letter whose replay finishes the job.
     await storage.put(file.keys.stripped, stripped, content_type=file.content_type)
     await storage.put(file.keys.thumbnail, thumbnail, content_type=thumbnail_type)
+    # The copies are charged to the quota, because re-encoding can make them larger than the
+    # upload (a JPEG saved at quality 1 grows about 3 times). They may take the owner past the
+    # quota, and then the next upload fails.
     await store.update_file(
-        session, file, status=FileStatus.READY.value, thumbnail_content_type=thumbnail_type, update_time=datetime.now(UTC)
+        session,
+        file,
+        status=FileStatus.READY.value,
+        thumbnail_content_type=thumbnail_type,
+        processed_bytes=len(stripped) + len(thumbnail),
+        update_time=datetime.now(UTC),
     )
     log.info("image processed", extra={"uid": file.uid, "file_id": file.id})
 
@@ -540,14 +656,43 @@ async def remove_user_files(session: AsyncSession, storage: ObjectStorage, uid: 
     """Delete every object and row of a user; return how many rows there were.
 
     Runs in the UserDeleted consumer's transaction. A storage failure raises, so that the relay
-    retries the event.
+    retries the event. Upload keys whose URLs may still take a PUT are revoked, so the sweeper
+    deletes what arrives there later.
     """
     keys = await storage.list_keys(uid_key_segment(uid))
     if keys:
         await storage.delete(keys)
+    await revoke_upload_urls(session, await store.list_user_files(session, uid), datetime.now(UTC))
     removed = await store.remove_user_files(session, uid)
     log.info("removed the files of a deleted user", extra={"uid": uid, "count": removed, "objects": len(keys)})
     return removed
+
+
+async def revoke_upload_urls(session: AsyncSession, files: Iterable[File], now: datetime) -> None:
+    """Record the upload keys of removed files whose signed URLs may still take a PUT after `now`."""
+    by_delete_time: dict[tuple[str, datetime], list[str]] = {}
+    for file in files:
+        delete_time = upload_url_end_time(file)
+        if delete_time > now:
+            by_delete_time.setdefault((file.uid, delete_time), []).append(file.keys.original)
+    for (uid, delete_time), keys in by_delete_time.items():
+        await store.add_revoked_uploads(session, uid, keys, delete_time)
+
+
+def upload_url_end_time(file: File) -> datetime:
+    """Return when no signed upload URL of the file can still be writing an object."""
+    ttl_end = file.upload_expire_time
+    supabase_end = file.create_time + timedelta(seconds=SUPABASE_UPLOAD_URL_LIFETIME_SECONDS)
+    return max(ttl_end, supabase_end) + timedelta(seconds=UPLOAD_PUT_MARGIN_SECONDS)
+
+
+def thumbnail_name(name: str, content_type: str) -> str:
+    """Return the name a thumbnail downloads under: `<stem>.thumbnail.<extension of its type>`."""
+    stem, dot, _ = name.rpartition(".")
+    if not dot or not stem:
+        # No extension, or a name such as ".profile" that is all extension.
+        stem = name
+    return f"{stem}.thumbnail.{_THUMBNAIL_EXTENSIONS.get(content_type, 'bin')}"
 
 
 async def delete_objects_now(storage: ObjectStorage, keys: Iterable[str], file_id: str) -> None:

@@ -19,6 +19,8 @@ NAME_MAX_LENGTH = 255
 CONTENT_TYPE_MAX_LENGTH = 255
 SHA256_LENGTH = 64
 FAILURE_REASON_MAX_LENGTH = 500
+# "x." and a SHA-256 (66 characters) or a plain uid (at most 128), "/" and a file id.
+STORAGE_KEY_MAX_LENGTH = 200
 # A uid made of these characters is its own key segment. Dots are left out, so that no raw uid
 # can look like the hashed segment of another uid, which starts with "x.".
 _PLAIN_UID = re.compile(r"[A-Za-z0-9_-]{1,128}")
@@ -66,6 +68,25 @@ class FileRow(Base):
     create_time: Mapped[datetime] = mapped_column(UtcDateTime)
     update_time: Mapped[datetime] = mapped_column(UtcDateTime)
     upload_expire_time: Mapped[datetime] = mapped_column(UtcDateTime)
+    # Bytes of the copies the server made (an image's copy without metadata and its thumbnail).
+    # The quota charges them on top of `size`, because re-encoding can make them larger.
+    processed_bytes: Mapped[int] = mapped_column(BigInteger, default=0)
+
+
+class RevokedUploadRow(Base):
+    """An upload key whose file is gone while a signed URL to it may still take a PUT.
+
+    The sweeper deletes the object under `key` once `delete_time` has passed, so bytes PUT
+    after the file was deleted are removed too. Each row lives only as long as the longest
+    lifetime of a signed upload URL.
+    """
+
+    __tablename__ = "revoked_uploads"
+    __table_args__ = (Index("ix_revoked_uploads_delete_time", "delete_time"),)
+
+    key: Mapped[str] = mapped_column(String(STORAGE_KEY_MAX_LENGTH), primary_key=True)
+    uid: Mapped[str] = mapped_column(String(UID_MAX_LENGTH))
+    delete_time: Mapped[datetime] = mapped_column(UtcDateTime)
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,6 +106,7 @@ class File:
     failure_reason: str = ""
     thumbnail_content_type: str = ""
     version: int = 1
+    processed_bytes: int = 0
 
     @property
     def etag(self) -> str:
@@ -154,4 +176,5 @@ def file_from_row(row: FileRow) -> File:
         failure_reason=row.failure_reason,
         thumbnail_content_type=row.thumbnail_content_type,
         version=row.version,
+        processed_bytes=row.processed_bytes,
     )

@@ -8,7 +8,14 @@ from datetime import datetime
 from sqlalchemy import delete, func, insert, select, text, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from app.files.model import QUOTA_STATUSES, File, FileRow, FileStatus, file_from_row
+from app.files.model import (
+    QUOTA_STATUSES,
+    File,
+    FileRow,
+    FileStatus,
+    RevokedUploadRow,
+    file_from_row,
+)
 from app.platform.errors import NotFound
 
 
@@ -37,8 +44,9 @@ async def lock_user(session: AsyncSession, uid: str) -> None:
 
 
 async def get_usage(session: AsyncSession, uid: str, *, excluding: str | None = None) -> Usage:
-    """Count the files of `uid` that the quota charges, and sum their sizes, leaving out the file `excluding`."""
-    statement = select(func.count(), func.coalesce(func.sum(FileRow.size), 0)).where(
+    """Count the files of `uid` that the quota charges, and sum their sizes and processed copies, leaving out the file `excluding`."""
+    charged_bytes = FileRow.size + FileRow.processed_bytes
+    statement = select(func.count(), func.coalesce(func.sum(charged_bytes), 0)).where(
         FileRow.uid == uid, FileRow.status.in_([status.value for status in QUOTA_STATUSES])
     )
     if excluding is not None:
@@ -114,18 +122,34 @@ async def update_file(session: AsyncSession, file: File, **values: object) -> Fi
 
     Raise NotFound when the row is gone.
     """
+    updated = await _update_row(session, file.id, None, values)
+    if updated is None:
+        raise NotFound(f"file {file.id} not found")
+    return updated
+
+
+async def update_file_version(session: AsyncSession, file: File, **values: object) -> File | None:
+    """Write `values` only while the row still has `file.version`; return the updated file, or None.
+
+    None means that another update changed the row since `file` was read, or deleted it. The
+    version check is part of the UPDATE itself, so two concurrent calls with the same version
+    cannot both succeed, on SQLite as on Postgres.
+    """
+    return await _update_row(session, file.id, file.version, values)
+
+
+async def _update_row(session: AsyncSession, file_id: str, version: int | None, values: dict[str, object]) -> File | None:
+    statement = update(FileRow).where(FileRow.id == file_id)
+    if version is not None:
+        statement = statement.where(FileRow.version == version)
     statement = (
-        update(FileRow)
-        .where(FileRow.id == file.id)
-        .values(version=FileRow.version + 1, **values)
+        statement.values(version=FileRow.version + 1, **values)
         .returning(FileRow)
         # The session may hold the row from an earlier read; the returned values must replace it.
         .execution_options(synchronize_session=False, populate_existing=True)
     )
     row = (await session.execute(statement)).scalar_one_or_none()
-    if row is None:
-        raise NotFound(f"file {file.id} not found")
-    return file_from_row(row)
+    return file_from_row(row) if row is not None else None
 
 
 async def remove_file(session: AsyncSession, file_id: str, *, status: FileStatus | None = None) -> bool:
@@ -148,13 +172,45 @@ async def list_expired_uploads(session: AsyncSession, now: datetime, *, limit: i
     return [file_from_row(row) for row in (await session.execute(statement)).scalars()]
 
 
-async def list_user_file_ids(session: AsyncSession, uid: str) -> list[str]:
-    """Return the ids of every file of `uid`."""
-    statement = select(FileRow.id).where(FileRow.uid == uid)
-    return list((await session.execute(statement)).scalars())
+async def list_user_files(session: AsyncSession, uid: str) -> list[File]:
+    """Return every file of `uid`, in any status."""
+    statement = select(FileRow).where(FileRow.uid == uid)
+    return [file_from_row(row) for row in (await session.execute(statement)).scalars()]
 
 
 async def remove_user_files(session: AsyncSession, uid: str) -> int:
     """Delete every file row of a user and return how many there were."""
     result = await session.execute(delete(FileRow).where(FileRow.uid == uid))
+    return result.rowcount
+
+
+async def add_revoked_uploads(session: AsyncSession, uid: str, keys: list[str], delete_time: datetime) -> None:
+    """Record upload keys of `uid` whose objects the sweeper deletes at `delete_time`.
+
+    A key recorded before keeps the later of its two delete times.
+    """
+    for key in keys:
+        row = await session.get(RevokedUploadRow, key)
+        if row is None:
+            session.add(RevokedUploadRow(key=key, uid=uid, delete_time=delete_time))
+        elif row.delete_time < delete_time:
+            row.delete_time = delete_time
+    await session.flush()
+
+
+async def list_due_revoked_uploads(session: AsyncSession, now: datetime, *, limit: int) -> list[str]:
+    """List at most `limit` revoked upload keys whose delete time is not after `now`, earliest first."""
+    statement = (
+        select(RevokedUploadRow.key)
+        .where(RevokedUploadRow.delete_time <= now)
+        .order_by(RevokedUploadRow.delete_time)
+        .limit(limit)
+    )
+    return list((await session.execute(statement)).scalars())
+
+
+async def remove_revoked_uploads(session: AsyncSession, keys: list[str], now: datetime) -> int:
+    """Delete the revoked upload rows of `keys` that are still due at `now`; return how many."""
+    statement = delete(RevokedUploadRow).where(RevokedUploadRow.key.in_(keys), RevokedUploadRow.delete_time <= now)
+    result = await session.execute(statement)
     return result.rowcount

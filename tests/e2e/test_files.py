@@ -463,8 +463,47 @@ async def test_upload_url_cannot_replace_completed_file(deployment, protocol, to
     replaced = await put(created, b"other bytes\n" + b" " * (len(data) - 12))
     served = await fetch((await download_url(deployment, protocol, token, created.file.id)).url)
 
-    assert replaced.status_code in (400, 409)
+    # The local adapter's upload gate answers 410 for a file that no longer takes uploads.
+    assert replaced.status_code in (400, 409, 410)
     assert served.content == data
+
+
+async def test_upload_url_refuses_put_after_delete(deployment, protocol, tokens: Tokens) -> None:
+    if deployment.standin is not None:
+        pytest.skip("Supabase upload URLs cannot be revoked; tests/integration/files covers the sweep of what they store")
+    token = tokens.mint(new_uid())
+    created = await create_upload(deployment, protocol, token, TEXT, "text/plain")
+
+    request = file_pb2.DeleteFileRequest(file_id=created.file.id)
+    await rpc(deployment, protocol, "DeleteFile", request, file_pb2.DeleteFileResponse, token)
+    late = await put(created, TEXT)
+
+    assert late.status_code == 410
+    assert deployment.object_keys(created.file.uid) == []
+
+
+async def test_stream_shorter_than_declared_is_invalid(deployment, protocol, tokens: Tokens) -> None:
+    token = tokens.mint(new_uid())
+
+    with pytest.raises(RpcError) as raised:
+        await stream_upload(deployment, protocol, token, upload_messages("notes.txt", "text/plain", b"hello", size=300))
+
+    assert raised.value.code == "invalid_argument"
+    assert "declared 300, received 5" in raised.value.violations["size"]
+
+
+async def test_thumbnail_downloads_under_thumbnail_name(deployment, protocol, tokens: Tokens) -> None:
+    token = tokens.mint(new_uid())
+    uploaded = await stream_upload(deployment, protocol, token, upload_messages("red.png", "image/png", png_bytes(8, 8)))
+    ready = await wait_processed(deployment, token, uploaded.id)
+
+    target = await download_url(deployment, protocol, token, ready.id, variant=file_pb2.FILE_VARIANT_THUMBNAIL)
+    served = await fetch(target.url)
+
+    assert target.content_type == "image/jpeg"
+    assert served.headers["content-type"] == "image/jpeg"
+    assert served.headers["content-disposition"].startswith("attachment")
+    assert "red.thumbnail.jpg" in served.headers["content-disposition"]
 
 
 async def test_tampered_url_is_rejected(deployment, protocol, tokens: Tokens) -> None:

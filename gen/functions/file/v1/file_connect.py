@@ -50,8 +50,9 @@ class FileService(Protocol):
         """
         Reserves a file and returns a signed URL that takes one HTTP PUT of its
         bytes until `upload_expire_time`. The size counts against the caller's
-        quota from this call on. Call CompleteUpload after the PUT; an upload not
-        completed before it expires is removed.
+        quota from this call on, and so do an image's processed copies once they
+        are made. Call CompleteUpload after the PUT; an upload not completed
+        before it expires is removed.
         """
         raise ConnectError(Code.UNIMPLEMENTED, 'Not implemented')
 
@@ -62,6 +63,9 @@ class FileService(Protocol):
         were uploaded yet, and with `invalid_argument` when they disagree with the
         declaration; the bytes are then discarded and the upload URL can be used
         again until it expires. Completing a completed file returns it unchanged.
+        Fails with `aborted` while another CompleteUpload of the same file runs on
+        the same server, and with `resource_exhausted` at once when the caller or
+        the server has too many Upload and CompleteUpload calls in progress.
         """
         raise ConnectError(Code.UNIMPLEMENTED, 'Not implemented')
 
@@ -69,7 +73,8 @@ class FileService(Protocol):
         """
         Uploads a file in one call: the first message carries the metadata, the
         following ones the bytes in order. The same checks as CompleteUpload
-        apply. For gRPC and Connect streaming clients; browsers use CreateUpload.
+        apply, and the same limit on calls in progress. For gRPC and Connect
+        streaming clients; browsers use CreateUpload.
         """
         raise ConnectError(Code.UNIMPLEMENTED, 'Not implemented')
 
@@ -265,8 +270,9 @@ class FileServiceClient(ConnectClient):
         """
         Reserves a file and returns a signed URL that takes one HTTP PUT of its
         bytes until `upload_expire_time`. The size counts against the caller's
-        quota from this call on. Call CompleteUpload after the PUT; an upload not
-        completed before it expires is removed.
+        quota from this call on, and so do an image's processed copies once they
+        are made. Call CompleteUpload after the PUT; an upload not completed
+        before it expires is removed.
         """
         return await self.execute_unary(
             request=request,
@@ -294,6 +300,9 @@ class FileServiceClient(ConnectClient):
         were uploaded yet, and with `invalid_argument` when they disagree with the
         declaration; the bytes are then discarded and the upload URL can be used
         again until it expires. Completing a completed file returns it unchanged.
+        Fails with `aborted` while another CompleteUpload of the same file runs on
+        the same server, and with `resource_exhausted` at once when the caller or
+        the server has too many Upload and CompleteUpload calls in progress.
         """
         return await self.execute_unary(
             request=request,
@@ -318,7 +327,8 @@ class FileServiceClient(ConnectClient):
         """
         Uploads a file in one call: the first message carries the metadata, the
         following ones the bytes in order. The same checks as CompleteUpload
-        apply. For gRPC and Connect streaming clients; browsers use CreateUpload.
+        apply, and the same limit on calls in progress. For gRPC and Connect
+        streaming clients; browsers use CreateUpload.
         """
         return await self.execute_client_stream(
             request=request,
@@ -472,8 +482,9 @@ class FileServiceSync(Protocol):
         """
         Reserves a file and returns a signed URL that takes one HTTP PUT of its
         bytes until `upload_expire_time`. The size counts against the caller's
-        quota from this call on. Call CompleteUpload after the PUT; an upload not
-        completed before it expires is removed.
+        quota from this call on, and so do an image's processed copies once they
+        are made. Call CompleteUpload after the PUT; an upload not completed
+        before it expires is removed.
         """
         raise ConnectError(Code.UNIMPLEMENTED, 'Not implemented')
 
@@ -484,6 +495,9 @@ class FileServiceSync(Protocol):
         were uploaded yet, and with `invalid_argument` when they disagree with the
         declaration; the bytes are then discarded and the upload URL can be used
         again until it expires. Completing a completed file returns it unchanged.
+        Fails with `aborted` while another CompleteUpload of the same file runs on
+        the same server, and with `resource_exhausted` at once when the caller or
+        the server has too many Upload and CompleteUpload calls in progress.
         """
         raise ConnectError(Code.UNIMPLEMENTED, 'Not implemented')
 
@@ -491,7 +505,8 @@ class FileServiceSync(Protocol):
         """
         Uploads a file in one call: the first message carries the metadata, the
         following ones the bytes in order. The same checks as CompleteUpload
-        apply. For gRPC and Connect streaming clients; browsers use CreateUpload.
+        apply, and the same limit on calls in progress. For gRPC and Connect
+        streaming clients; browsers use CreateUpload.
         """
         raise ConnectError(Code.UNIMPLEMENTED, 'Not implemented')
 
@@ -685,8 +700,9 @@ class FileServiceClientSync(ConnectClientSync):
         """
         Reserves a file and returns a signed URL that takes one HTTP PUT of its
         bytes until `upload_expire_time`. The size counts against the caller's
-        quota from this call on. Call CompleteUpload after the PUT; an upload not
-        completed before it expires is removed.
+        quota from this call on, and so do an image's processed copies once they
+        are made. Call CompleteUpload after the PUT; an upload not completed
+        before it expires is removed.
         """
         return self.execute_unary(
             request=request,
@@ -714,6 +730,9 @@ class FileServiceClientSync(ConnectClientSync):
         were uploaded yet, and with `invalid_argument` when they disagree with the
         declaration; the bytes are then discarded and the upload URL can be used
         again until it expires. Completing a completed file returns it unchanged.
+        Fails with `aborted` while another CompleteUpload of the same file runs on
+        the same server, and with `resource_exhausted` at once when the caller or
+        the server has too many Upload and CompleteUpload calls in progress.
         """
         return self.execute_unary(
             request=request,
@@ -738,7 +757,8 @@ class FileServiceClientSync(ConnectClientSync):
         """
         Uploads a file in one call: the first message carries the metadata, the
         following ones the bytes in order. The same checks as CompleteUpload
-        apply. For gRPC and Connect streaming clients; browsers use CreateUpload.
+        apply, and the same limit on calls in progress. For gRPC and Connect
+        streaming clients; browsers use CreateUpload.
         """
         return self.execute_client_stream(
             request=request,

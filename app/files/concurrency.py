@@ -1,0 +1,69 @@
+"""Limits on the calls that hold a whole file in memory: Upload and CompleteUpload.
+
+A call takes a slot before it reads any bytes and gives it back when it ends. When no slot is
+free, the call fails at once with `resource_exhausted` instead of waiting, so a client cannot
+pile up buffered uploads in a queue. The counts are per process: each process of a deployment
+has its own slots.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections import Counter
+from collections.abc import Iterator
+
+from app.platform.errors import Aborted, ResourceExhausted
+
+DEFAULT_MAX_PER_USER = 2
+DEFAULT_MAX_PER_PROCESS = 8
+
+
+class UploadSlots:
+    """Counts the Upload and CompleteUpload calls in progress, per user, per process and per file."""
+
+    def __init__(self, *, max_per_user: int = DEFAULT_MAX_PER_USER, max_per_process: int = DEFAULT_MAX_PER_PROCESS) -> None:
+        if max_per_user < 1 or max_per_process < 1:
+            raise ValueError(f"upload slot limits must be at least 1: got {max_per_user} per user, {max_per_process} per process")
+        self.max_per_user = max_per_user
+        self.max_per_process = max_per_process
+        self._per_user: Counter[str] = Counter()
+        self._completing: set[str] = set()
+
+    @property
+    def in_use(self) -> int:
+        return self._per_user.total()
+
+    @contextlib.contextmanager
+    def hold(self, uid: str, *, completing: str | None = None) -> Iterator[None]:
+        """Hold one slot of `uid` for the block, and with `completing`, the only completion of that file id.
+
+        Raises:
+            Aborted: another call is completing the file `completing` in this process.
+            ResourceExhausted: `uid` or the process has no free slot.
+        """
+        # Nothing below awaits, so checking and taking the slot cannot interleave with another task.
+        if completing is not None and completing in self._completing:
+            raise Aborted(f"a completion of file {completing} is in progress; retry once it has finished")
+        if self._per_user[uid] >= self.max_per_user:
+            raise ResourceExhausted(
+                f"too many uploads in progress: {self._per_user[uid]} of {self.max_per_user} per user; "
+                "retry once one has finished",
+                reason="TOO_MANY_UPLOADS",
+            )
+        if self.in_use >= self.max_per_process:
+            raise ResourceExhausted(
+                f"too many uploads in progress on this server: {self.in_use} of {self.max_per_process}; retry later",
+                reason="SERVER_UPLOADS_BUSY",
+            )
+
+        self._per_user[uid] += 1
+        if completing is not None:
+            self._completing.add(completing)
+        try:
+            yield
+        finally:
+            self._per_user[uid] -= 1
+            if self._per_user[uid] <= 0:
+                del self._per_user[uid]
+            if completing is not None:
+                self._completing.discard(completing)
