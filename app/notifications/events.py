@@ -17,6 +17,7 @@ import contextlib
 import logging
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
+from datetime import UTC, datetime
 from typing import cast
 
 from functions.events.v1 import events_pb2
@@ -26,7 +27,7 @@ from sqlalchemy.orm import Session
 
 from app.notifications import store
 from app.notifications.model import Notification
-from app.platform.errors import ResourceExhausted
+from app.platform.errors import NotFound, ResourceExhausted
 from app.platform.events import Consumer, Event
 from app.platform.pubsub import notify
 
@@ -188,7 +189,11 @@ def welcome_consumer(hub: NotificationHub) -> Consumer:
     async def send_welcome(event: Event, session: AsyncSession) -> None:
         # The relay hands this consumer UserCreated events only.
         created = cast(events_pb2.UserCreated, event.message)
-        await logic.send_notification(session, hub, created.uid, WELCOME_TITLE, WELCOME_BODY)
+        try:
+            await logic.send_notification(session, hub, created.uid, WELCOME_TITLE, WELCOME_BODY)
+        except NotFound:
+            # The user was deleted before this consumer got to the event.
+            log.info("no welcome for a deleted user", extra={"uid": created.uid})
 
     return Consumer(name=WELCOME_CONSUMER_NAME, event_types=(events_pb2.UserCreated,), handler=send_welcome)
 
@@ -198,7 +203,7 @@ def user_deleted_consumer() -> Consumer:
     async def remove_notifications(event: Event, session: AsyncSession) -> None:
         # The relay hands this consumer UserDeleted events only.
         deleted = cast(events_pb2.UserDeleted, event.message)
-        removed = await store.remove_user_notifications(session, deleted.uid)
+        removed = await store.remove_user_notifications(session, deleted.uid, datetime.now(UTC))
         log.info("removed the notifications of a deleted user", extra={"uid": deleted.uid, "count": removed})
 
     return Consumer(name=USER_DELETED_CONSUMER_NAME, event_types=(events_pb2.UserDeleted,), handler=remove_notifications)

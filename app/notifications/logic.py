@@ -81,6 +81,8 @@ async def send_notification(
         violations.insert(0, FieldViolation("uid", problem))
     if violations:
         raise InvalidInput(violations)
+    if await store.is_removed_recipient(session, uid):
+        raise NotFound(f"user {uid} deleted their account: nothing can be sent to it", reason="RECIPIENT_DELETED")
 
     notification = await store.add_notification(session, uid, title, body, now or datetime.now(UTC))
 
@@ -116,6 +118,8 @@ async def follow_topic(session: AsyncSession, uid: str, topic: str, *, now: date
     """
     if (problem := _check_topic(topic)) is not None:
         raise InvalidInput(FieldViolation("topic", problem))
+    # Concurrent follows of one user would each count the topics before any of them inserts.
+    await store.lock_follower(session, uid)
     followed = await store.list_followed_topics(session, uid)
     if topic in followed:
         return

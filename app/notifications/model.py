@@ -48,6 +48,15 @@ class TopicFollowerRow(Base):
     create_time: Mapped[datetime] = mapped_column(UtcDateTime)
 
 
+class RemovedRecipientRow(Base):
+    """One row of `notification_removed_recipients`: a deleted user, to whom nothing is sent again."""
+
+    __tablename__ = "notification_removed_recipients"
+
+    uid: Mapped[str] = mapped_column(String(UID_MAX_LENGTH), primary_key=True)
+    remove_time: Mapped[datetime] = mapped_column(UtcDateTime)
+
+
 @dataclass(frozen=True, slots=True)
 class Notification:
     """A notification, independent of the table and of the proto messages."""

@@ -11,10 +11,11 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from app.notifications.model import (
     Notification,
     NotificationRow,
+    RemovedRecipientRow,
     TopicFollowerRow,
     notification_from_row,
 )
-from app.platform.db import insert_ignoring_conflicts
+from app.platform.db import insert_ignoring_conflicts, lock_for_writing
 
 
 async def add_notification(session: AsyncSession, uid: str, title: str, body: str, create_time: datetime) -> Notification:
@@ -69,6 +70,11 @@ async def add_topic_notifications(
         Notification(id=notification_id, uid=uid, title=title, body=body, create_time=create_time, topic=topic)
         for notification_id, uid in created
     ]
+
+
+async def lock_follower(session: AsyncSession, uid: str) -> None:
+    """Serialize changes to the topics of `uid` until the transaction ends."""
+    await lock_for_writing(session, f"topics:{uid}", TopicFollowerRow)
 
 
 async def follow_topic(session: AsyncSession, uid: str, topic: str, create_time: datetime) -> bool:
@@ -141,8 +147,18 @@ async def get_notifications(session: AsyncSession, ids: Collection[int]) -> list
     return [notification_from_row(row) for row in (await session.execute(statement)).scalars()]
 
 
-async def remove_user_notifications(session: AsyncSession, uid: str) -> int:
-    """Delete every notification and topic subscription of a user; return how many notifications there were."""
+async def is_removed_recipient(session: AsyncSession, uid: str) -> bool:
+    """Return whether `uid` belongs to a deleted user."""
+    statement = select(RemovedRecipientRow.uid).where(RemovedRecipientRow.uid == uid)
+    return (await session.execute(statement)).first() is not None
+
+
+async def remove_user_notifications(session: AsyncSession, uid: str, remove_time: datetime) -> int:
+    """Delete every notification and topic subscription of a user and record the user as removed.
+
+    Return how many notifications there were.
+    """
+    await session.execute(insert_ignoring_conflicts(session, RemovedRecipientRow, {"uid": uid, "remove_time": remove_time}))
     await session.execute(delete(TopicFollowerRow).where(TopicFollowerRow.uid == uid))
     result = await session.execute(delete(NotificationRow).where(NotificationRow.uid == uid))
     return result.rowcount

@@ -13,9 +13,13 @@ import pytest
 from functions.events.v1 import events_pb2
 
 from app.notifications import logic
-from app.notifications.events import NotificationHub, user_deleted_consumer
+from app.notifications.events import (
+    NotificationHub,
+    user_deleted_consumer,
+    welcome_consumer,
+)
 from app.platform.db import Database
-from app.platform.errors import InvalidInput, ResourceExhausted
+from app.platform.errors import InvalidInput, NotFound, ResourceExhausted
 from app.platform.events import Event
 
 TIMEOUT_SECONDS = 5.0
@@ -138,18 +142,51 @@ async def test_send_to_topic_checks_title_and_body(database: Database) -> None:
     assert [violation.field for violation in raised.value.violations] == ["topic", "title", "body"]
 
 
+def user_event(message) -> Event:
+    return Event(
+        id=secrets.token_hex(8), type=message.DESCRIPTOR.full_name, message=message,
+        occurred_at=datetime.now(UTC), actor_uid=message.uid, request_id="", traceparent="",
+    )
+
+
 async def test_deleted_user_stops_following(database: Database) -> None:
     uid, topic = new_uid(), new_topic()
     await follow(database, uid, topic)
-    consumer = user_deleted_consumer()
-    event = Event(
-        id=secrets.token_hex(8), type=events_pb2.UserDeleted.DESCRIPTOR.full_name,
-        message=events_pb2.UserDeleted(uid=uid), occurred_at=datetime.now(UTC), actor_uid=uid, request_id="", traceparent="",
-    )
 
     async with database.unit_of_work() as session:
-        await consumer.handler(event, session)
+        await user_deleted_consumer().handler(user_event(events_pb2.UserDeleted(uid=uid)), session)
         sent = await logic.send_to_topic(session, NotificationHub(), topic, "After deletion", "")
 
     assert sent == []
     assert await followed(database, uid) == []
+
+
+async def test_nothing_is_sent_to_a_deleted_user(database: Database) -> None:
+    uid = new_uid()
+    async with database.unit_of_work() as session:
+        await user_deleted_consumer().handler(user_event(events_pb2.UserDeleted(uid=uid)), session)
+
+    with pytest.raises(NotFound) as raised:
+        async with database.unit_of_work() as session:
+            await logic.send_notification(session, NotificationHub(), uid, "Too late", "")
+    # A UserCreated handled after the deletion sends no welcome and does not fail.
+    async with database.unit_of_work() as session:
+        await welcome_consumer(NotificationHub()).handler(user_event(events_pb2.UserCreated(uid=uid)), session)
+        page = await logic.list_notifications(session, uid, 10, "", False)
+
+    assert raised.value.reason == "RECIPIENT_DELETED"
+    assert page.notifications == []
+
+
+async def test_concurrent_follows_respect_the_limit(database: Database) -> None:
+    uid = new_uid()
+    attempts = logic.MAX_FOLLOWED_TOPICS + 30
+
+    results = await asyncio.gather(
+        *(follow(database, uid, f"race-{index}") for index in range(attempts)), return_exceptions=True
+    )
+
+    refused = [result for result in results if isinstance(result, ResourceExhausted)]
+    assert [result for result in results if isinstance(result, BaseException) and result not in refused] == []
+    assert len(refused) == 30
+    assert len(await followed(database, uid)) == logic.MAX_FOLLOWED_TOPICS
