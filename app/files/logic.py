@@ -122,6 +122,8 @@ class FileLimits:
             allowed_types=frozenset(normalize_content_type(value) for value in settings.files_allowed_types),
             upload_url_ttl_seconds=settings.files_upload_url_ttl_seconds,
             download_url_ttl_seconds=settings.files_download_url_ttl_seconds,
+            max_concurrent_uploads_per_user=settings.files_max_concurrent_uploads_per_user,
+            max_concurrent_uploads=settings.files_max_concurrent_uploads,
         )
 
 
