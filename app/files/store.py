@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import delete, func, insert, select, text, update
+from sqlalchemy import delete, func, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.files.model import (
@@ -16,6 +16,7 @@ from app.files.model import (
     RevokedUploadRow,
     file_from_row,
 )
+from app.platform.db import lock_for_writing
 from app.platform.errors import NotFound
 
 
@@ -30,17 +31,9 @@ class Usage:
 async def lock_user(session: AsyncSession, uid: str) -> None:
     """Serialize quota checks of one user until the transaction ends; call it first in the transaction.
 
-    On Postgres this takes a transaction-scoped advisory lock on the uid, so two concurrent
-    reservations cannot both pass a quota that only one of them fits. SQLite allows one writer at
-    a time, so there an UPDATE that changes no row makes this transaction the writer before it
-    reads the usage. Reading first would let two transactions read the same usage, and the second
-    could then not write at all.
+    Two concurrent reservations then cannot both pass a quota that only one of them fits.
     """
-    if session.get_bind().dialect.name == "postgresql":
-        # hashtext collisions only make two users' reservations wait for each other.
-        await session.execute(text("SELECT pg_advisory_xact_lock(hashtext('files:' || :uid))"), {"uid": uid})
-    else:
-        await session.execute(text("UPDATE files SET version = version WHERE 0 = 1"))
+    await lock_for_writing(session, f"files:{uid}", FileRow)
 
 
 async def get_usage(session: AsyncSession, uid: str, *, excluding: str | None = None) -> Usage:
