@@ -1,4 +1,4 @@
-"""Command line: `python -m app serve | worker | migrate | dev-token | events`."""
+"""Command line: `python -m app serve | worker | migrate | sweep-uploads | dev-token | events`."""
 
 from __future__ import annotations
 

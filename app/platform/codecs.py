@@ -61,7 +61,8 @@ class CompactJSONCodec(Codec[Message, M]):
         except RecursionError:
             raise _invalid_body("must not nest JSON values this deeply") from None
         except json_format.ParseError as error:
-            raise _invalid_body(f"does not match {message.DESCRIPTOR.full_name}: {error}") from None
+            # google.protobuf's messages end with one or two periods.
+            raise _invalid_body(f"does not match {message.DESCRIPTOR.full_name}: {str(error).rstrip('.')}") from None
         except (TypeError, ValueError):
             raise _invalid_body(f"does not match {message.DESCRIPTOR.full_name}") from None
         return message
