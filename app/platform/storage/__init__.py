@@ -3,6 +3,9 @@
     create_storage(settings)      the adapter that STORAGE_BACKEND names
     LocalStorage.routes()         the routes that serve the local adapter's signed URLs; mount
                                   them in the app when STORAGE_BACKEND=local
+    LocalStorage.upload_gate      set it so signed upload URLs stop working once a file is gone
+    LocalStorage.remove_stale_temporaries(seconds)
+                                  delete the temporary files that a crash left behind
 """
 
 from __future__ import annotations

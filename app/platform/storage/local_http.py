@@ -4,10 +4,20 @@
     PUT      /storage/v1/local/<key>?expires=&content_type=&max_bytes=&signature=
 
 The signature is the credential, so these routes need no Authorization header. A failure gets a
-small JSON body such as {"error": "expired"} and never a stack trace. The statuses are
-400 invalid key, 403 missing, invalid or expired signature, 404 no object, 413 body over
-max_bytes, 415 Content-Type other than the signed one, 416 unsatisfiable Range, and 500
-(logged) for anything unexpected.
+small JSON body such as {"error": "expired"} and never a stack trace. The statuses:
+
+    400  invalid key, or a body that ended early
+    403  missing, invalid or expired signature
+    404  no object
+    408  no body bytes for BODY_IDLE_TIMEOUT_SECONDS
+    409  an object, or another upload in progress, already uses the key
+    410  the upload gate no longer accepts the key
+    413  body over max_bytes
+    415  Content-Type other than the signed one
+    416  unsatisfiable Range
+    503  (with Retry-After) MAX_CONCURRENT_TRANSFERS in progress, or a failed disk or upload
+         gate, which is logged
+    500  anything unexpected, logged
 """
 
 from __future__ import annotations
@@ -16,9 +26,13 @@ import asyncio
 import hashlib
 import logging
 import os
+import re
+import threading
 import time
 import unicodedata
 from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import BinaryIO
 from urllib.parse import quote
 
 from starlette.requests import ClientDisconnect, Request
@@ -35,32 +49,97 @@ from app.platform.storage.local import (
     download_fields,
     upload_fields,
 )
-from app.platform.storage.port import ObjectNotFound
+from app.platform.storage.port import ObjectNotFound, StorageUnavailable
 from app.platform.storage.signing import is_valid_signature
 
 log = logging.getLogger(__name__)
+
+# Uploads and downloads in progress at once in this process. Each keeps a socket and an open file
+# busy, so past this the routes reply 503 at once rather than queue. Read on every request, so
+# tests can change it.
+MAX_CONCURRENT_TRANSFERS = 64
+# An upload that sends no body bytes for this long gets 408, and a download whose client takes
+# no bytes for this long is abandoned, so a stalled client cannot hold a transfer slot forever.
+BODY_IDLE_TIMEOUT_SECONDS = 15.0
+RETRY_AFTER_SECONDS = 1
+# Range positions with more digits than this (after leading zeros) are past the end of any file.
+MAX_RANGE_DIGITS = 18
 
 # File names longer than this are shortened, keeping the extension, so the header stays small.
 MAX_FILE_NAME_CHARACTERS = 200
 MAX_EXTENSION_CHARACTERS = 16
 # Characters that RFC 5987 allows unencoded in an ext-value (attr-char), beside letters and digits.
 _ATTR_CHARS = "!#$&+-.^_`|~"
-# Bidirectional controls can disguise an extension ("evil\u202egnp.exe" displays as "evilexe.png").
-_BIDI_CONTROLS = frozenset("\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+# Characters dropped from file names. Format characters (Cf) include the bidirectional controls,
+# which can disguise an extension ("evil\u202egnp.exe" displays as "evilexe.png"), and zero-width
+# characters, which make two names look equal. Private-use and unassigned code points have no
+# agreed glyph, and line and paragraph separators break lines in some viewers.
+_DROPPED_CATEGORIES = frozenset({"Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp"})
+# Letters and symbols that render as blank space, and the combining grapheme joiner, which is
+# invisible. Other space separators become a plain space.
+_INVISIBLE_CHARACTERS = frozenset("\u034f\u115f\u1160\u2800\u3164\uffa0")
+_RANGE_POSITION = re.compile(r"[0-9]*")
 
 
 class UnsatisfiableRange(Exception):
     """The Range header names no byte of the object."""
 
 
+class ClientStalled(Exception):
+    """The client took no bytes of a download for BODY_IDLE_TIMEOUT_SECONDS."""
+
+
+class TransferSlots:
+    """The count of transfers in progress and the keys being uploaded, shared by every request.
+
+    A plain lock, never held across an await, so it works whichever thread and event loop serve
+    the routes (tests serve them on a thread of their own).
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._in_progress = 0
+        self._uploading: set[str] = set()
+
+    def acquire(self) -> bool:
+        """Take a slot and return True, or return False when MAX_CONCURRENT_TRANSFERS are taken."""
+        with self._lock:
+            if self._in_progress >= MAX_CONCURRENT_TRANSFERS:
+                return False
+            self._in_progress += 1
+            return True
+
+    def release(self) -> None:
+        """Give back a slot that acquire returned."""
+        with self._lock:
+            self._in_progress -= 1
+
+    def claim_key(self, key: str) -> bool:
+        """Mark `key` as being uploaded and return True, or return False when it already is."""
+        with self._lock:
+            if key in self._uploading:
+                return False
+            self._uploading.add(key)
+            return True
+
+    def release_key(self, key: str) -> None:
+        """End the upload of `key` that claim_key started."""
+        with self._lock:
+            self._uploading.discard(key)
+
+
 def signed_url_routes(storage: LocalStorage) -> list[Route]:
     """Return the route that serves downloads (GET, HEAD) and uploads (PUT) of signed URLs."""
+    slots = TransferSlots()
 
     async def endpoint(request: Request) -> Response:
         try:
             if request.method == "PUT":
-                return await _upload(storage, request)
-            return await _download(storage, request)
+                return await _upload(storage, slots, request)
+            return await _download(storage, slots, request)
+        except (OSError, StorageUnavailable) as error:
+            log.error("local storage failed", extra={"method": request.method, "error": repr(error)})
+            return _unavailable("storage unavailable")
         except Exception:
             log.exception("signed URL request failed", extra={"method": request.method})
             return _error(500, "internal error")
@@ -68,7 +147,7 @@ def signed_url_routes(storage: LocalStorage) -> list[Route]:
     return [Route(URL_PATH_PREFIX + "{key:path}", endpoint, methods=["GET", "HEAD", "PUT"])]
 
 
-async def _download(storage: LocalStorage, request: Request) -> Response:
+async def _download(storage: LocalStorage, slots: TransferSlots, request: Request) -> Response:
     key = request.path_params["key"]
     params = request.query_params
     try:
@@ -87,15 +166,27 @@ async def _download(storage: LocalStorage, request: Request) -> Response:
     if remaining < 0:
         return _error(403, "expired")
 
+    if not slots.acquire():
+        return _busy()
+    # The slot passes to the streamed reply, which releases it when the reply ends.
+    handed_over = False
     try:
-        stored = await asyncio.to_thread(storage.open_object, key)
-    except ObjectNotFound:
-        return _error(404, "not found")
-    try:
-        return _object_response(request, stored, params["name"], disposition == "inline", remaining)
-    except BaseException:
-        stored.file.close()
-        raise
+        try:
+            stored = await asyncio.to_thread(storage.open_object, key)
+        except ObjectNotFound:
+            return _error(404, "not found")
+        try:
+            response = _object_response(request, stored, params["name"], disposition == "inline", remaining)
+        except BaseException:
+            stored.file.close()
+            raise
+        if isinstance(response, ObjectStreamResponse):
+            response.on_close = slots.release
+            handed_over = True
+        return response
+    finally:
+        if not handed_over:
+            slots.release()
 
 
 def _object_response(request: Request, stored: StoredObject, file_name: str, inline: bool, max_age: int) -> Response:
@@ -140,18 +231,32 @@ class ObjectStreamResponse(StreamingResponse):
     """A reply that streams part of an open object file and closes the file when the reply ends.
 
     The file is opened before the reply starts, so a concurrent put() cannot mix two versions,
-    and it is closed even when the client leaves before the first chunk.
+    and it is closed even when the client leaves before the first chunk. A send that waits more
+    than BODY_IDLE_TIMEOUT_SECONDS for the client ends the reply.
     """
 
     def __init__(self, stored: StoredObject, start: int, length: int, **options) -> None:
         super().__init__(_file_chunks(stored, start, length), **options)
         self.stored = stored
+        self.on_close = lambda: None
 
     async def __call__(self, scope, receive, send) -> None:
+        async def send_in_time(message) -> None:
+            try:
+                await asyncio.wait_for(send(message), BODY_IDLE_TIMEOUT_SECONDS)
+            except TimeoutError as error:
+                # Starlette 1.10 turns OSError, and so TimeoutError, into ClientDisconnect.
+                raise ClientStalled from error
+
         try:
-            await super().__call__(scope, receive, send)
+            await super().__call__(scope, receive, send_in_time)
+        except ClientStalled:
+            # NOTE: this needs a server whose send waits while the client reads nothing, as
+            # zttp's does. A server that buffers whole replies never reaches this timeout.
+            log.info("download abandoned: the client took no bytes in time", extra={"key": self.stored.info.key})
         finally:
             self.stored.file.close()
+            self.on_close()
 
 
 async def _file_chunks(stored: StoredObject, start: int, length: int) -> AsyncIterator[bytes]:
@@ -177,31 +282,45 @@ def parse_range(header: str, size: int) -> tuple[int, int] | None:
     if unit.strip().lower() != "bytes" or "," in ranges:
         return None
     first, dash, last = ranges.strip().partition("-")
-    if not dash or not (first.isdigit() or first == "") or not (last.isdigit() or last == ""):
+    # ASCII digits only: str.isdigit also accepts digits such as "²" that int() rejects.
+    if not dash or not _RANGE_POSITION.fullmatch(first) or not _RANGE_POSITION.fullmatch(last):
         return None
 
     if first == "":
         if last == "":
             return None
-        suffix = int(last)
+        suffix = _range_position(last)
         if suffix == 0 or size == 0:
             raise UnsatisfiableRange(header)
         return max(size - suffix, 0), size - 1
 
-    start = int(first)
-    if last and int(last) < start:
+    start = _range_position(first)
+    if last and _range_position(last) < start:
         return None
     if start >= size:
         raise UnsatisfiableRange(header)
-    end = min(int(last), size - 1) if last else size - 1
+    end = min(_range_position(last), size - 1) if last else size - 1
     return start, end
+
+
+def _range_position(digits: str) -> int:
+    # int() of thousands of digits is slow, and Python 3.11 raises ValueError past 4300 digits.
+    # A position of more than MAX_RANGE_DIGITS digits is past the end of any file, so capping it
+    # at 10**18 keeps its meaning under RFC 7233 section 2.1 (now RFC 9110 section 14.1.2).
+    # A first-pos past the end is unsatisfiable (416), and a last-pos or suffix-length past it
+    # means "to the end" (206). Only two capped positions differ from exact values: they compare
+    # equal, so "bytes=<huge>-<smaller huge>" gets 416 instead of being ignored as invalid.
+    significant = digits.lstrip("0")
+    if len(significant) > MAX_RANGE_DIGITS:
+        return 10**MAX_RANGE_DIGITS
+    return int(significant or "0")
 
 
 def _etags(header: str) -> set[str]:
     return {tag.strip().removeprefix("W/") for tag in header.split(",") if tag.strip()}
 
 
-async def _upload(storage: LocalStorage, request: Request) -> Response:
+async def _upload(storage: LocalStorage, slots: TransferSlots, request: Request) -> Response:
     key = request.path_params["key"]
     params = request.query_params
     try:
@@ -227,41 +346,101 @@ async def _upload(storage: LocalStorage, request: Request) -> Response:
     declared = _int_or_none(request.headers.get("content-length", ""))
     if declared is not None and declared > max_bytes:
         return _error(413, f"body must be at most {max_bytes} bytes")
-    if await asyncio.to_thread(storage.object_path(key).exists):
-        return _error(409, "an object was already uploaded with this URL")
 
-    return await _receive_object(storage, request, key, content_type, max_bytes)
-
-
-async def _receive_object(storage: LocalStorage, request: Request, key: str, content_type: str, max_bytes: int) -> Response:
-    """Stream the body into a temporary file, stopping as soon as it passes max_bytes."""
-    path = await asyncio.to_thread(storage.object_path, key)
-    temporary, file = await asyncio.to_thread(storage.create_temporary, path)
+    if not slots.acquire():
+        return _busy()
     try:
-        with file:
-            await asyncio.to_thread(file.seek, HEADER_BYTES)
-            digest = hashlib.sha256()
-            size = 0
+        if not slots.claim_key(key):
+            return _error(409, "another upload to this URL is in progress")
+        try:
+            return await _upload_once(storage, request, key, content_type, max_bytes)
+        finally:
+            slots.release_key(key)
+    finally:
+        slots.release()
+
+
+async def _upload_once(storage: LocalStorage, request: Request, key: str, content_type: str, max_bytes: int) -> Response:
+    """Store the body under `key`, while this request is the only upload of the key in progress."""
+    path = await asyncio.to_thread(storage.object_path, key)
+    if await asyncio.to_thread(path.exists):
+        return _error(409, "an object was already uploaded with this URL")
+    if (refusal := await _check_upload_gate(storage, key)) is not None:
+        return refusal
+
+    return await _receive_object(storage, request, key, path, content_type, max_bytes)
+
+
+async def _receive_object(
+    storage: LocalStorage, request: Request, key: str, path: Path, content_type: str, max_bytes: int
+) -> Response:
+    """Stream the body into a temporary file, stopping as soon as it passes max_bytes."""
+    temporary: Path | None = None
+    file: BinaryIO | None = None
+    try:
+        digest = hashlib.sha256()
+        size = 0
+        chunks = aiter(request.stream())
+        while True:
             try:
-                async for chunk in request.stream():
-                    size += len(chunk)
-                    if size > max_bytes:
-                        return _error(413, f"body must be at most {max_bytes} bytes")
-                    digest.update(chunk)
-                    await asyncio.to_thread(file.write, chunk)
+                chunk = await asyncio.wait_for(anext(chunks), BODY_IDLE_TIMEOUT_SECONDS)
+            except StopAsyncIteration:
+                break
+            except TimeoutError:
+                log.info("upload timed out waiting for the body", extra={"key": key, "received_bytes": size})
+                return _error(408, f"no body bytes arrived for {BODY_IDLE_TIMEOUT_SECONDS:g} seconds")
             except ClientDisconnect:
                 log.info("upload ended by the client before the body was complete", extra={"key": key})
                 return _error(400, "incomplete body")
-            await asyncio.to_thread(storage.finish_temporary, file, size, digest.hexdigest(), content_type)
+            if not chunk:
+                continue
+
+            size += len(chunk)
+            if size > max_bytes:
+                return _error(413, f"body must be at most {max_bytes} bytes")
+            digest.update(chunk)
+            if file is None:
+                # Opened only once bytes arrive, so a client that sends headers alone costs no file.
+                temporary, file = await asyncio.to_thread(storage.create_temporary, path)
+                await asyncio.to_thread(file.seek, HEADER_BYTES)
+            await asyncio.to_thread(file.write, chunk)
+
+        if file is None:
+            temporary, file = await asyncio.to_thread(storage.create_temporary, path)
+        await asyncio.to_thread(storage.finish_temporary, file, size, digest.hexdigest(), content_type)
+        await asyncio.to_thread(file.close)
+
+        # NOTE: the file can still be deleted between this check and the link below. The object
+        # then outlives its file, unless the deletion's own removal of objects runs after the link.
+        if (refusal := await _check_upload_gate(storage, key)) is not None:
+            return refusal
         try:
             # A link, unlike a rename, fails when another PUT stored an object in the meantime.
             await asyncio.to_thread(os.link, temporary, path)
         except FileExistsError:
             return _error(409, "an object was already uploaded with this URL")
     finally:
-        await asyncio.to_thread(temporary.unlink, missing_ok=True)
+        if file is not None:
+            await asyncio.to_thread(file.close)
+        if temporary is not None:
+            await asyncio.to_thread(temporary.unlink, missing_ok=True)
 
     return JSONResponse({"key": key, "size": size}, headers={"cache-control": "no-store"})
+
+
+async def _check_upload_gate(storage: LocalStorage, key: str) -> Response | None:
+    """Return the reply that refuses the upload when the store's upload gate rejects the key, else None."""
+    gate = storage.upload_gate
+    if gate is None:
+        return None
+    try:
+        accepted = await gate(key)
+    except Exception as error:
+        log.error("upload gate failed", extra={"key": key, "error": repr(error)})
+        return _unavailable("upload check unavailable")
+    if not accepted:
+        return _error(410, "this upload is no longer accepted")
+    return None
 
 
 def content_disposition(file_name: str, *, inline: bool) -> str:
@@ -276,13 +455,16 @@ def content_disposition(file_name: str, *, inline: bool) -> str:
 
 
 def _clean_file_name(file_name: str) -> str:
-    # A file name is not a path, so separators become "_". Controls and bidi marks are dropped.
+    # A file name is not a path, so separators become "_". Invisible characters are dropped.
     characters = []
     for character in file_name:
+        category = unicodedata.category(character)
         if character in "/\\":
             characters.append("_")
-        elif unicodedata.category(character) in ("Cc", "Cs") or character in _BIDI_CONTROLS:
+        elif category in _DROPPED_CATEGORIES or character in _INVISIBLE_CHARACTERS:
             continue
+        elif category == "Zs":
+            characters.append(" ")
         else:
             characters.append(character)
     name = "".join(characters).strip()
@@ -316,3 +498,11 @@ def _int_or_none(text: str) -> int | None:
 
 def _error(status: int, message: str, *, headers: dict[str, str] | None = None) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status, headers={"cache-control": "no-store", **(headers or {})})
+
+
+def _unavailable(message: str) -> JSONResponse:
+    return _error(503, message, headers={"retry-after": str(RETRY_AFTER_SECONDS)})
+
+
+def _busy() -> JSONResponse:
+    return _unavailable(f"too many transfers in progress: at most {MAX_CONCURRENT_TRANSFERS}, try again later")

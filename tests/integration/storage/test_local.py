@@ -23,7 +23,7 @@ from starlette.middleware import Middleware
 from app.platform.middleware import AuthMiddleware, RequestContextMiddleware
 from app.platform.storage import StorageError, create_storage
 from app.platform.storage.local import LocalStorage
-from app.platform.storage.local_http import content_disposition
+from app.platform.storage.local_http import content_disposition, parse_range
 from app.platform.storage.signing import SIGNING_KEY_FILE, load_or_create_signing_key
 from app.settings import Settings
 from tests.servers import ROOT, serve_in_thread
@@ -249,20 +249,49 @@ async def test_head_returns_headers_without_body(local_storage: LocalStorage) ->
         ("bytes=5-2", 200, b"0123456789", None),
         ("items=0-1", 200, b"0123456789", None),
         ("bytes=x-1", 200, b"0123456789", None),
+        # Numbers longer than any file size, and leading zeros, which do not make a number large.
+        ("bytes=" + "0" * 5000 + "2-5", 206, b"2345", "bytes 2-5/10"),
+        ("bytes=2-" + "9" * 5000, 206, b"23456789", "bytes 2-9/10"),
+        ("bytes=-" + "9" * 5000, 206, b"0123456789", "bytes 0-9/10"),
+        ("bytes=2-" + "9" * 19, 206, b"23456789", "bytes 2-9/10"),
+        ("bytes=2-" + "9" * 18, 206, b"23456789", "bytes 2-9/10"),
+        # Malformed values are ignored.
+        ("bytes=²-5", 200, b"0123456789", None),
+        ("bytes=+1-5", 200, b"0123456789", None),
+        ("bytes=1e3-", 200, b"0123456789", None),
+        ("bytes=0x1-5", 200, b"0123456789", None),
+        ("bytes=1-2-3", 200, b"0123456789", None),
+        ("bytes=--5", 200, b"0123456789", None),
+        ("bytes=-", 200, b"0123456789", None),
+        ("bytes=", 200, b"0123456789", None),
+        ("bytes", 200, b"0123456789", None),
+        ("=0-1", 200, b"0123456789", None),
+        ("bytes=1 -5", 200, b"0123456789", None),
+        ("bytes=0-1," + "9" * 5000 + "-", 200, b"0123456789", None),
+        ("BYTES = 2-5", 206, b"2345", "bytes 2-5/10"),
     ],
 )
 async def test_range_requests(local_storage: LocalStorage, range_header: str, status: int, body: bytes, content_range) -> None:
     _, url = await stored_download_url(local_storage)
 
     async with httpx.AsyncClient() as client:
-        reply = await client.get(url, headers={"range": range_header})
+        reply = await client.get(url, headers={"range": range_header.encode("latin-1")})
 
     assert reply.status_code == status
     assert reply.content == body
     assert reply.headers.get("content-range") == content_range
 
 
-@pytest.mark.parametrize("range_header", ["bytes=10-", "bytes=100-200", "bytes=-0"])
+@pytest.mark.parametrize("range_header", ["bytes=²-5", "bytes=١-٥", "bytes=0-٥", "bytes=-𝟓"])
+def test_range_with_non_ascii_digits_is_ignored(range_header: str) -> None:
+    # Over HTTP these arrive as Latin-1 characters, so only a direct call exercises them.
+    assert parse_range(range_header, 10) is None
+
+
+@pytest.mark.parametrize(
+    "range_header",
+    ["bytes=10-", "bytes=100-200", "bytes=-0", "bytes=" + "9" * 5000 + "-", "bytes=" + "9" * 19 + "-" + "9" * 20, "bytes=-" + "0" * 5000],
+)
 async def test_unsatisfiable_range_returns_416(local_storage: LocalStorage, range_header: str) -> None:
     _, url = await stored_download_url(local_storage)
 
@@ -466,6 +495,16 @@ async def test_download_url_with_other_method_is_rejected(local_storage: LocalSt
         ("../x", ".._x", ".._x"),
         ("100%.txt", "100%.txt", "100_.txt"),
         ("evil\u202egnp.exe", "evilgnp.exe", "evilgnp.exe"),
+        ("in\u200bvisible.txt", "invisible.txt", "invisible.txt"),
+        ("arabic\u061cmark.txt", "arabicmark.txt", "arabicmark.txt"),
+        ("\ufeffbom.txt", "bom.txt", "bom.txt"),
+        ("soft\u00adhyphen.txt", "softhyphen.txt", "softhyphen.txt"),
+        ("tag\U000e0041.txt", "tag.txt", "tag.txt"),
+        ("line\u2028break.txt", "linebreak.txt", "linebreak.txt"),
+        ("private\ue000use.txt", "privateuse.txt", "privateuse.txt"),
+        ("blank\u3164\u2800.txt", "blank.txt", "blank.txt"),
+        ("no\u00a0break\u3000space.txt", "no break space.txt", "no break space.txt"),
+        ("\u200b\u200d\u2060", "download", "download"),
         ("", "download", "download"),
         ("\r\n", "download", "download"),
     ],
