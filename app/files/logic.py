@@ -84,6 +84,8 @@ DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 100
 # Expired uploads one sweep removes per unit of work.
 SWEEP_BATCH_SIZE = 100
+# Partial objects older than this are left by interrupted uploads: a live upload writes far more often.
+STALE_TEMPORARY_SECONDS = 3600.0
 STORAGE_UNAVAILABLE_MESSAGE = "file storage unavailable; retry later"
 # Supabase signs upload URLs for two hours whatever lifetime is requested, and they cannot be
 # revoked (SupabaseStorage.signed_upload_url). No adapter's URLs live longer, unless
@@ -402,7 +404,8 @@ class Files:
     async def sweep_abandoned_uploads(self, *, now: datetime | None = None) -> int:
         """Remove the pending files whose upload URL expired, and their objects; return how many.
 
-        Also deletes the objects of revoked upload keys whose delete time has come.
+        Also deletes the objects of revoked upload keys whose delete time has come, and partial
+        objects that interrupted uploads left behind.
         """
         now = now or datetime.now(UTC)
         removed: list[File] = []
@@ -424,6 +427,10 @@ class Files:
         if removed:
             log.info("removed abandoned uploads", extra={"count": len(removed)})
         await self._delete_revoked_uploads(now)
+        try:
+            await self.storage.remove_stale_temporaries(STALE_TEMPORARY_SECONDS)
+        except StorageError as error:
+            log.warning("could not remove stale temporary objects yet: %s", type(error).__name__)
         return len(removed)
 
     async def _delete_revoked_uploads(self, now: datetime) -> int:

@@ -66,6 +66,13 @@ class ObjectStorage(Protocol):
         """Return every key that starts with `prefix` followed by "/", sorted."""
         ...
 
+    async def remove_stale_temporaries(self, older_than_seconds: float) -> int:
+        """Delete partial objects that interrupted writes left, older than the cutoff; return how many.
+
+        Stores that never leave partial objects behind return 0.
+        """
+        ...
+
     async def signed_download_url(
         self, key: str, *, expires_in_seconds: int, file_name: str, inline: bool
     ) -> str:

@@ -116,6 +116,10 @@ class SupabaseStorage:
             batch = names[start : start + DELETE_BATCH_SIZE]
             await self._call("delete", batch[0], lambda batch=batch: self._bucket.remove(batch))
 
+    async def remove_stale_temporaries(self, older_than_seconds: float) -> int:
+        """Return 0: Storage never keeps a partial object of an interrupted upload."""
+        return 0
+
     async def list_keys(self, prefix: str) -> list[str]:
         """Return every key that starts with `prefix` followed by "/", sorted.
 

@@ -12,7 +12,9 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import hashlib
+import os
 import secrets
+import time
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 
@@ -35,6 +37,7 @@ from app.platform.errors import (
     Unavailable,
 )
 from app.platform.events import EventRelay, OutboxEventRow, record_event
+from app.platform.storage.local import LocalStorage
 from app.platform.storage.port import ObjectNotFound, ObjectStorage
 from tests.support.files import (
     bomb_png,
@@ -632,6 +635,24 @@ async def test_sweep_removes_only_expired_pending_uploads(database: Database, st
     assert (await files.get_file(principal, ready.id)).status is FileStatus.READY
     assert (await files.get_file(principal, fresh.id)).status is FileStatus.PENDING
     assert await events_of(database, "functions.events.v1.FileDeleted", abandoned.id) == 1
+
+
+async def test_sweep_removes_stale_partial_objects(database: Database, local_storage: LocalStorage) -> None:
+    files, principal = files_for(database, local_storage), new_principal()
+    reserved = await files.create_upload(principal, "partial.txt", "text/plain", 3, "")
+    path = local_storage.object_path(reserved[0].keys.original)
+    stale, stale_file = local_storage.create_temporary(path)
+    fresh, fresh_file = local_storage.create_temporary(path)
+    stale_file.close()
+    fresh_file.close()
+    two_hours_ago = time.time() - 7200
+    os.utime(stale, (two_hours_ago, two_hours_ago))
+
+    await files.sweep_abandoned_uploads()
+
+    assert not stale.exists()
+    assert fresh.exists()
+    fresh.unlink()
 
 
 async def test_user_deleted_removes_objects_and_rows(database: Database, storage: ObjectStorage) -> None:
