@@ -26,6 +26,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import NameOID
 
 from app.platform.auth.tokens import ISSUER_PREFIX
+from app.platform.privatefiles import create_private_file, read_private_file
 
 logger = logging.getLogger(__name__)
 
@@ -114,13 +115,10 @@ def mint_token(
 
 def _load_or_create_private_key(key_path: Path) -> rsa.RSAPrivateKey:
     try:
-        pem = key_path.read_bytes()
+        pem = read_private_file(key_path)
     except FileNotFoundError:
         return _create_private_key(key_path)
 
-    if key_path.stat().st_mode & 0o077:
-        logger.warning("restricting development private key to mode 0600", extra={"path": str(key_path)})
-        key_path.chmod(0o600)
     private_key = serialization.load_pem_private_key(pem, password=None)
     if not isinstance(private_key, rsa.RSAPrivateKey):
         raise ValueError(f"{key_path} must contain an RSA private key: got {type(private_key).__name__}")
@@ -133,18 +131,9 @@ def _create_private_key(key_path: Path) -> rsa.RSAPrivateKey:
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     )
 
-    # Write a private temporary file, then link it into place: the key is never readable by
-    # others, never half-written, and a concurrent creator's key is never overwritten.
-    temporary = key_path.with_name(f".{key_path.name}.{os.getpid()}.{secrets.token_hex(4)}")
-    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        with os.fdopen(descriptor, "wb") as file:
-            file.write(pem)
-        os.link(temporary, key_path)
-    except FileExistsError:
+    # A concurrent creator's key is never overwritten: the loser loads the winner's.
+    if not create_private_file(key_path, pem):
         return _load_or_create_private_key(key_path)
-    finally:
-        temporary.unlink(missing_ok=True)
 
     logger.info("created development private key", extra={"path": str(key_path)})
     return private_key

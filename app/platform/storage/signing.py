@@ -12,9 +12,10 @@ import hashlib
 import hmac
 import json
 import logging
-import os
 import secrets
 from pathlib import Path
+
+from app.platform.privatefiles import create_private_file, read_private_file
 
 log = logging.getLogger(__name__)
 
@@ -54,33 +55,19 @@ def load_or_create_signing_key(path: Path) -> bytes:
     atomic link of a complete private file, and a process that loses the race loads the winner's.
     """
     try:
-        key = path.read_bytes()
+        key = read_private_file(path)
     except FileNotFoundError:
         return _create_signing_key(path)
 
-    if path.stat().st_mode & 0o077:
-        log.warning("restricting storage signing key to mode 0600", extra={"path": str(path)})
-        path.chmod(0o600)
     if len(key) != SIGNING_KEY_BYTES:
         raise ValueError(f"{path} must contain {SIGNING_KEY_BYTES} bytes: got {len(key)}; delete it to create a new key")
     return key
 
 
 def _create_signing_key(path: Path) -> bytes:
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     key = secrets.token_bytes(SIGNING_KEY_BYTES)
-    temporary = path.with_name(f"{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        with os.fdopen(descriptor, "wb") as file:
-            file.write(key)
-            file.flush()
-            os.fsync(file.fileno())
-        os.link(temporary, path)
-    except FileExistsError:
+    if not create_private_file(path, key):
         return load_or_create_signing_key(path)
-    finally:
-        temporary.unlink(missing_ok=True)
 
     log.info("created storage signing key", extra={"path": str(path)})
     return key
