@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import gzip
 import json
 import logging
 import threading
@@ -166,6 +167,8 @@ class ReplyRecorder:
         self.protocol = protocol
         self.http_status = 0
         self.content_type = ""
+        # The compression of a Connect stream's frames, which its end-stream frame may use too.
+        self.stream_encoding = ""
         self.grpc_status = ""
         self.body = bytearray()
 
@@ -177,6 +180,7 @@ class ReplyRecorder:
                 headers = message.get("headers", ())
                 self.grpc_status = _grpc_status(headers)
                 self.content_type = _content_type(headers)
+                self.stream_encoding = _header(headers, b"connect-content-encoding")
             elif kind == "http.response.trailers":
                 self.grpc_status = _grpc_status(message.get("headers", ())) or self.grpc_status
             elif kind == "http.response.body" and self._keeps_body():
@@ -213,7 +217,7 @@ class ReplyRecorder:
 
     def _connect_code(self) -> str:
         if self.content_type.startswith("application/connect+"):
-            return _end_stream_code(bytes(self.body)) if self.http_status == 200 else self._http_code()
+            return _end_stream_code(bytes(self.body), self.stream_encoding) if self.http_status == 200 else self._http_code()
         if self.http_status == 200:
             return "ok"
         try:
@@ -236,27 +240,35 @@ class ReplyRecorder:
         return _grpc_web_status(body)
 
 
-def _end_stream_code(body: bytes) -> str:
-    """Return the code of a Connect stream's end-stream frame: flags 0x02, then a JSON object."""
-    marker = body.rfind(b"\x02")
-    while marker >= 0:
+def _end_stream_code(body: bytes, encoding: str = "") -> str:
+    """Return the code of a Connect stream's end-stream frame: flags 0x02 (0x03 when compressed), then a JSON object."""
+    for marker in range(len(body) - 5, -1, -1):
+        flags = body[marker]
         frame = body[marker + 5 :]
-        if len(body) - marker >= 5 and int.from_bytes(body[marker + 1 : marker + 5], "big") == len(frame):
-            try:
-                end = json.loads(frame or b"{}")
-            except ValueError:
-                return "unknown"
-            error = end.get("error") if isinstance(end, dict) else None
-            return str(error.get("code") or "unknown") if isinstance(error, dict) else "ok"
-        marker = body.rfind(b"\x02", 0, marker)
+        if flags not in (0x02, 0x03) or int.from_bytes(body[marker + 1 : marker + 5], "big") != len(frame):
+            continue
+        try:
+            if flags & 0x01:
+                if encoding != "gzip":
+                    return "unknown"
+                frame = gzip.decompress(frame)
+            end = json.loads(frame or b"{}")
+        except (ValueError, OSError, EOFError):
+            return "unknown"
+        error = end.get("error") if isinstance(end, dict) else None
+        return str(error.get("code") or "unknown") if isinstance(error, dict) else "ok"
     return "unknown"
 
 
-def _content_type(headers) -> str:
+def _header(headers, name: bytes) -> str:
     for key, value in headers:
-        if key == b"content-type":
+        if key == name:
             return value.decode("latin-1").lower()
     return ""
+
+
+def _content_type(headers) -> str:
+    return _header(headers, b"content-type")
 
 
 def _route_of(path: str) -> str:

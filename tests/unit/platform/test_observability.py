@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import gzip
 import json
 import logging
 
@@ -71,6 +72,20 @@ def test_connect_stream_code_from_end_stream_frame(end_stream, expected) -> None
         _body(_frame(0, b'{"status":"SERVING"}'), more=True),
         _body(_frame(2, end_stream)),
     ]
+
+    assert _replay(Protocol.CONNECT, messages) == expected
+
+
+@pytest.mark.parametrize(
+    ("end_stream", "expected"),
+    [
+        (b"{}", "ok"),
+        (json.dumps({"error": {"code": "invalid_argument"}}).encode(), "invalid_argument"),
+    ],
+)
+def test_connect_stream_code_from_compressed_end_stream_frame(end_stream, expected) -> None:
+    start = _start(200, b"application/connect+proto", (b"connect-content-encoding", b"gzip"))
+    messages = [start, _body(_frame(1, gzip.compress(b"\x0a\x02ok")), more=True), _body(_frame(3, gzip.compress(end_stream)))]
 
     assert _replay(Protocol.CONNECT, messages) == expected
 
