@@ -31,6 +31,7 @@ from app.platform.middleware import (
     CORSMiddleware,
     GrpcWebTextMiddleware,
     NotFoundApp,
+    RequestBodyTimeoutMiddleware,
     RequestContextMiddleware,
 )
 from app.platform.observability import (
@@ -207,6 +208,8 @@ def platform_middleware(settings: Settings, verifier: FirebaseTokenVerifier) -> 
         # CORS replies to preflights before the overload guard, auth and rate limits see them.
         Middleware(CORSMiddleware, allowed_origins=settings.cors_allowed_origins),
         Middleware(OverloadGuardMiddleware, settings=settings),
+        # Inside the guard, so that a call whose body stalls gives its slot back.
+        Middleware(RequestBodyTimeoutMiddleware, timeout_seconds=settings.request_body_timeout_seconds),
         Middleware(GrpcWebTextMiddleware),
         Middleware(AuthMiddleware, verifier=verifier),
         # After auth, so that signed-in callers are limited by uid rather than by IP.

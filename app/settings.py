@@ -72,6 +72,11 @@ class Settings(BaseSettings):
     # Server streams (Subscribe, Health/Watch) open at once per process; they do not take the
     # slots of other calls, because they last as long as their clients stay.
     max_concurrent_streams: int = Field(default=1024, ge=1)
+    # Calls and streams one caller (uid, else client IP) may have in progress at once per process.
+    max_calls_per_caller: int = Field(default=32, ge=1)
+    # A request body must arrive within this many seconds, and a client stream must send its
+    # next message within it; else the call ends with deadline_exceeded and frees its slot.
+    request_body_timeout_seconds: float = Field(default=15.0, gt=0)
     # Deadline for calls that carry none (connect-timeout-ms, grpc-timeout); it also bounds SQL.
     default_deadline_seconds: float = Field(default=30.0, gt=0)
     # Longest deadline a unary or client-streaming call gets; longer client deadlines are cut to it.

@@ -6,6 +6,7 @@ another task (so contextvars set inside never reach the outer layers) and buffer
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import logging
@@ -413,6 +414,76 @@ def _bare_error(scope, status: int, service: str, method: str) -> tuple[Code, st
 def _is_streaming(service: str, method: str) -> bool:
     descriptor = method_descriptor(service, method)
     return descriptor is not None and (descriptor.client_streaming or descriptor.server_streaming)
+
+
+class RequestBodyTimeoutMiddleware:
+    """End RPCs whose request body does not arrive in time, so that a stalled client frees its slot.
+
+    connectrpc reads a unary request's body before any deadline applies, so a client that sends
+    headers and then trickles or withholds the body would hold a slot of the overload guard for
+    as long as its connection stays open. Here a unary or server-streaming call's body must
+    arrive within `timeout_seconds` of the call's start, and each message of a client stream
+    within `timeout_seconds` of the previous one. A late body ends the call with
+    deadline_exceeded; once the body is complete, nothing is timed here.
+    """
+
+    def __init__(self, app, timeout_seconds: float) -> None:
+        self.app = app
+        self.timeout_seconds = timeout_seconds
+
+    async def __call__(self, scope, receive, send) -> None:
+        service, method = split_rpc_path(scope["path"]) if scope["type"] == "http" else ("", "")
+        if not service or scope["method"] != "POST":
+            await self.app(scope, receive, send)
+            return
+        descriptor = method_descriptor(service, method)
+        # A client stream's messages may come slowly; only the gaps between them are bounded.
+        per_chunk = descriptor is not None and descriptor.client_streaming
+        loop = asyncio.get_running_loop()
+        body_deadline = loop.time() + self.timeout_seconds
+        body_complete = False
+        timed_out = False
+        replied = False
+
+        async def timed_receive():
+            nonlocal body_complete, timed_out, body_deadline
+            if body_complete or timed_out:
+                return await receive() if not timed_out else {"type": "http.disconnect"}
+            if per_chunk:
+                body_deadline = loop.time() + self.timeout_seconds
+            try:
+                async with asyncio.timeout_at(body_deadline):
+                    message = await receive()
+            except TimeoutError:
+                timed_out = True
+                log.info("request body stalled; ending the call", extra={"rpc_method": scope["path"]})
+                if not replied:
+                    await send_error(
+                        scope, send, Code.DEADLINE_EXCEEDED,
+                        f"the request body did not arrive within {self.timeout_seconds:g} s",
+                        reason="REQUEST_BODY_TIMEOUT",
+                    )
+                return {"type": "http.disconnect"}
+            if message["type"] == "http.request" and not message.get("more_body", False):
+                body_complete = True
+            return message
+
+        async def guarded_send(message) -> None:
+            nonlocal replied
+            if timed_out:
+                # The timeout's error reply went out; whatever the call sends afterwards is dropped.
+                return
+            if message["type"] == "http.response.start":
+                replied = True
+            await send(message)
+
+        try:
+            await self.app(scope, timed_receive, guarded_send)
+        except Exception:
+            if not timed_out:
+                raise
+            # The call failed because its client was treated as gone; the client got its error.
+            log.debug("call ended after its request body timed out", exc_info=True)
 
 
 class NotFoundApp:

@@ -201,12 +201,19 @@ class CallLimiter:
 
 
 class RateLimitMiddleware:
-    """Reject calls over their method's rate limit with resource_exhausted, in the caller's protocol."""
+    """Reject calls over their method's rate limit, or over the caller's calls in progress, with resource_exhausted.
+
+    Besides the rate, each caller (uid, else client IP) may have MAX_CALLS_PER_CALLER calls and
+    streams in progress at once in this process, so that no single caller holds the process's
+    shared budgets (see app.platform.overload).
+    """
 
     def __init__(self, app, settings: Settings) -> None:
         self.app = app
         self.trust_fly_proxy = settings.trust_fly_proxy
         self.limiter = CallLimiter(settings)
+        self.max_calls_per_caller = settings.max_calls_per_caller
+        self.calls_in_progress: dict[str, int] = {}
 
     async def __call__(self, scope, receive, send) -> None:
         if (
@@ -223,12 +230,30 @@ class RateLimitMiddleware:
             return
 
         limits = self.limiter.limits_for(*rpc)
-        throttle = await self.limiter.hit(limits, caller_key(scope, self.trust_fly_proxy))
-        if throttle is None:
-            await self.app(scope, receive, send)
+        key = caller_key(scope, self.trust_fly_proxy)
+        throttle = await self.limiter.hit(limits, key)
+        if throttle is not None:
+            await send_throttled(scope, send, limits.name, throttle)
             return
 
-        await send_throttled(scope, send, limits.name, throttle)
+        in_progress = self.calls_in_progress.get(key, 0)
+        if in_progress >= self.max_calls_per_caller:
+            await send_error(
+                scope, send, Code.RESOURCE_EXHAUSTED,
+                f"too many calls in progress for this caller: {in_progress} of at most {self.max_calls_per_caller}; "
+                "wait for one to end",
+                reason="TOO_MANY_CALLS_IN_PROGRESS",
+            )
+            return
+        self.calls_in_progress[key] = in_progress + 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            remaining = self.calls_in_progress[key] - 1
+            if remaining:
+                self.calls_in_progress[key] = remaining
+            else:
+                del self.calls_in_progress[key]
 
 
 async def send_throttled(scope: dict, send, rpc_name: str, throttle: Throttle) -> None:

@@ -224,3 +224,73 @@ def test_open_streams_leave_calls_alone(overload_server) -> None:
         response = check_over_json(overload_server)
 
     assert response.status_code == 200
+
+
+@pytest.fixture(scope="module")
+def strict_server(tmp_path_factory, cert_server) -> Iterator[RunningServer]:
+    """A server with a short request body timeout and a small per-caller limit."""
+    directory = tmp_path_factory.mktemp("strict")
+    env = server_env(
+        cert_server,
+        f"sqlite+aiosqlite:///{directory / 'functions.db'}",
+        DEV_KEYS_DIR=str(directory / "dev-keys"),
+        REQUEST_BODY_TIMEOUT_SECONDS="1",
+        MAX_CALLS_PER_CALLER="2",
+    )
+    run_migrations(env)
+    with run_server(env, directory / "server.log") as running:
+        yield running
+
+
+def read_reply(connection: socket.socket) -> bytes:
+    connection.settimeout(10.0)
+    reply = b""
+    while b"\r\n\r\n" not in reply or not reply.rstrip().endswith(b"}"):
+        chunk = connection.recv(65536)
+        if not chunk:
+            break
+        reply += chunk
+    return reply
+
+
+def test_stalled_request_body_ends_with_deadline_exceeded(strict_server) -> None:
+    request = (
+        f"POST {CHECK_PATH} HTTP/1.1\r\nHost: 127.0.0.1\r\ncontent-type: application/json\r\n"
+        "content-length: 10\r\n\r\n{"
+    ).encode()
+    with socket.create_connection(("127.0.0.1", strict_server.port), timeout=10.0) as connection:
+        connection.sendall(request)
+        started = time.monotonic()
+        reply = read_reply(connection)
+        elapsed = time.monotonic() - started
+
+    head, _, body = reply.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 504")
+    assert json.loads(body)["code"] == "deadline_exceeded"
+    assert json.loads(body)["message"] == "the request body did not arrive within 1 s"
+    assert elapsed < 5.0
+
+
+def test_caller_past_its_calls_in_progress_is_resource_exhausted(strict_server) -> None:
+    with hold_calls(strict_server, 2):
+        response = check_over_json(strict_server)
+
+    body = response.json()
+    assert response.status_code == 429
+    assert body["code"] == "resource_exhausted"
+    assert error_reason(body) == "TOO_MANY_CALLS_IN_PROGRESS"
+    assert body["message"].startswith("too many calls in progress for this caller: 2 of at most 2")
+
+
+def test_open_stream_outlives_the_body_timeout(strict_server) -> None:
+    """Once a stream's request body is complete, the body timeout no longer applies to it."""
+    with httpx.Client(timeout=httpx.Timeout(10.0, read=2.5)) as client, client.stream(
+        "POST", f"{strict_server.url}{WATCH_PATH}", content=envelope(b"{}"), headers={"content-type": "application/connect+json"}
+    ) as response:
+        reader = response.iter_raw()
+        first = next(reader)
+        with pytest.raises(httpx.ReadTimeout):
+            next(reader)
+
+    assert response.status_code == 200
+    assert b"SERVING" in first
