@@ -193,14 +193,23 @@ class PgmqEventRelay(EventRelay):
         return len(rows)
 
     async def work_once(self, consumer: Consumer) -> int:
-        """Read one batch of `consumer`'s queue, handle each message and return how many were read."""
+        """Read and handle up to a batch of `consumer`'s messages, one at a time; return how many were read.
+
+        Each message is read just before it is handled, so its read count is the number of
+        attempts at it. Reading a whole batch at once would count a read against every message in
+        it when the worker crashes on one, and dead-letter the others unhandled.
+        """
         queue = self._queues[consumer.name]
-        async with self._database.unit_of_work() as session:
-            parameters = {"queue": queue, "vt": self._visibility_timeout_seconds, "qty": self._batch_size}
-            messages = (await session.execute(_READ, parameters)).all()
-        for message in messages:
+        read = 0
+        while read < self._batch_size:
+            async with self._database.unit_of_work() as session:
+                parameters = {"queue": queue, "vt": self._visibility_timeout_seconds, "qty": 1}
+                message = (await session.execute(_READ, parameters)).first()
+            if message is None:
+                break
+            read += 1
             await self._process(consumer, queue, message.msg_id, message.read_ct, message.event_id)
-        return len(messages)
+        return read
 
     async def _flush(self) -> None:
         # Handling is left to the next worker that reads the queues, so shutdown only has to move

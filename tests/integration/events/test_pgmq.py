@@ -8,6 +8,7 @@ extension. Visibility timeouts are 1 second so that retries come back fast.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -262,3 +263,35 @@ async def test_crashed_worker_message_reappears(databases: tuple[Database, Datab
 
     await run_until([other], handled)
     assert effects == [event_id]
+
+
+async def test_crashes_on_one_event_spare_the_others(databases: tuple[Database, Database]) -> None:
+    """A worker killed inside the handler of one event counts a read against that event alone."""
+    database, _ = databases
+    uid = new_uid()
+    effects: list[str] = []
+    name = f"spare-{uid}"
+    event_ids = [await record_deleted(database, uid) for _ in range(3)]
+
+    async def crash_on_first(event: Event, session) -> None:
+        if event.id == event_ids[0]:
+            # What a worker killed inside the handler looks like to the relay: the pass never ends.
+            raise asyncio.CancelledError
+        if event.message.uid == uid:
+            effects.append(event.id)
+
+    consumer = Consumer(name, (events_pb2.UserDeleted,), crash_on_first)
+    relay = fast_relay(database, [consumer], max_attempts=2)
+    await relay.create_queues()
+    await relay.relay_once()
+    for _ in range(3):
+        with contextlib.suppress(asyncio.CancelledError):
+            await relay.work_once(consumer)
+        await asyncio.sleep(VISIBILITY_TIMEOUT_SECONDS + 0.1)
+
+    async def others_handled() -> bool:
+        dead = await scalar(database, "select count(*) from dead_letters where consumer = :name", name=name)
+        return len(effects) == 2 and dead == 1
+
+    await run_until([relay], others_handled)
+    assert sorted(effects) == sorted(event_ids[1:])
