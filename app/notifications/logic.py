@@ -81,6 +81,7 @@ async def send_notification(
         violations.insert(0, FieldViolation("uid", problem))
     if violations:
         raise InvalidInput(violations)
+    await store.lock_recipient(session, uid)
     if await store.is_removed_recipient(session, uid):
         raise NotFound(f"user {uid} deleted their account: nothing can be sent to it", reason="RECIPIENT_DELETED")
 

@@ -147,6 +147,15 @@ async def get_notifications(session: AsyncSession, ids: Collection[int]) -> list
     return [notification_from_row(row) for row in (await session.execute(statement)).scalars()]
 
 
+async def lock_recipient(session: AsyncSession, uid: str) -> None:
+    """Serialize the notifications of `uid` and their removal until the transaction ends.
+
+    On Postgres it is the lock that `add_notification` takes, so a send that checked the
+    recipient is not removed commits before a removal starts, or sees the removal.
+    """
+    await lock_for_writing(session, uid, NotificationRow)
+
+
 async def is_removed_recipient(session: AsyncSession, uid: str) -> bool:
     """Return whether `uid` belongs to a deleted user."""
     statement = select(RemovedRecipientRow.uid).where(RemovedRecipientRow.uid == uid)
@@ -158,6 +167,7 @@ async def remove_user_notifications(session: AsyncSession, uid: str, remove_time
 
     Return how many notifications there were.
     """
+    await lock_recipient(session, uid)
     await session.execute(insert_ignoring_conflicts(session, RemovedRecipientRow, {"uid": uid, "remove_time": remove_time}))
     await session.execute(delete(TopicFollowerRow).where(TopicFollowerRow.uid == uid))
     result = await session.execute(delete(NotificationRow).where(NotificationRow.uid == uid))

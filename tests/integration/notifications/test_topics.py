@@ -190,3 +190,23 @@ async def test_concurrent_follows_respect_the_limit(database: Database) -> None:
     assert [result for result in results if isinstance(result, BaseException) and result not in refused] == []
     assert len(refused) == 30
     assert len(await followed(database, uid)) == logic.MAX_FOLLOWED_TOPICS
+
+
+async def test_sends_racing_a_deletion_leave_nothing(database: Database) -> None:
+    uid = new_uid()
+
+    async def send_once() -> None:
+        async with database.unit_of_work() as session:
+            await logic.send_notification(session, NotificationHub(), uid, "Racing", "")
+
+    async def delete_user() -> None:
+        async with database.unit_of_work() as session:
+            await user_deleted_consumer().handler(user_event(events_pb2.UserDeleted(uid=uid)), session)
+
+    results = await asyncio.gather(*(send_once() for _ in range(10)), delete_user(), *(send_once() for _ in range(10)), return_exceptions=True)
+
+    unexpected = [result for result in results if isinstance(result, BaseException) and not isinstance(result, NotFound)]
+    async with database.unit_of_work() as session:
+        page = await logic.list_notifications(session, uid, 100, "", False)
+    assert unexpected == []
+    assert page.notifications == []
