@@ -14,7 +14,7 @@ from starlette.routing import Mount, Route
 from app.platform.auth import CertificateSource, FirebaseTokenVerifier, ensure_dev_keys
 from app.platform.codecs import server_codecs
 from app.platform.context import Principal
-from app.platform.db import Database, head_revision
+from app.platform.db import Database, head_revision, is_known_revision
 from app.platform.events import Consumer
 from app.platform.firebase import FirebaseAdmin
 from app.platform.health import (
@@ -235,19 +235,25 @@ def create_app(settings: Settings | None = None) -> Starlette:
     # Every domain refuses the tokens of deleted accounts, wherever the users service runs.
     verifier, certificates = build_verifier(settings, firebase, deleted_account_checker(database))
 
-    async def is_ready() -> bool:
+    async def readiness_problem() -> str | None:
+        """Return why this process cannot serve yet, or None when it can."""
         try:
             revision = await asyncio.wait_for(database.schema_revision(), READINESS_TIMEOUT_SECONDS)
         except Exception as error:  # noqa: BLE001 - any failure means not ready
             log.warning("readiness check failed: %s", type(error).__name__)
-            return False
-        if revision != head_revision():
+            return "database unreachable"
+        # A revision this build does not know comes from a newer release that migrated first,
+        # as in a rolling deploy; its migrations keep older code working, so this one serves.
+        if revision is None or is_known_revision(revision) and revision != head_revision():
             log.warning(
                 "not ready: the database schema is at revision %s and this build expects %s: run `python -m app migrate`",
                 revision, head_revision(),
             )
-            return False
-        return True
+            return f"database schema at revision {revision}, expected {head_revision()}"
+        return None
+
+    async def is_ready() -> bool:
+        return await readiness_problem() is None
 
     # Set when shutdown starts (see DrainingServer); every server stream ends on it.
     shutting_down = asyncio.Event()
@@ -302,7 +308,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
 
     routes = [
         Route("/healthz", healthz, methods=["GET", "HEAD"]),
-        Route("/readyz", readyz_endpoint(is_ready), methods=["GET", "HEAD"]),
+        Route("/readyz", readyz_endpoint(readiness_problem), methods=["GET", "HEAD"]),
         *metrics_routes(settings),
         # The local adapter serves its own signed download and upload URLs.
         *(storage.routes() if storage is not None and settings.storage_backend == "local" else []),

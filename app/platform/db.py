@@ -384,6 +384,18 @@ def head_revision() -> str:
     return ScriptDirectory.from_config(alembic_config()).get_current_head()
 
 
+def is_known_revision(revision: str) -> bool:
+    """Return whether `revision` is one of this build's migrations."""
+    return revision in _known_revisions()
+
+
+@functools.cache
+def _known_revisions() -> frozenset[str]:
+    from alembic.script import ScriptDirectory
+
+    return frozenset(script.revision for script in ScriptDirectory.from_config(alembic_config()).walk_revisions())
+
+
 def alembic_config(connection: Any = None) -> Any:
     """Build the Alembic configuration. migrations/env.py migrates over `connection` when one is given."""
     from alembic.config import Config

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 
 from connectrpc.code import Code
 from connectrpc.errors import ConnectError
@@ -128,12 +128,13 @@ async def healthz(request: Request) -> JSONResponse:
     return JSONResponse({"status": "ok"})
 
 
-def readyz_endpoint(is_ready: Callable[[], object]):
-    """Build the readiness probe: 200 while the database responds, 503 otherwise."""
+def readyz_endpoint(readiness_problem: Callable[[], Awaitable[str | None]]):
+    """Build the readiness probe: 200 when `readiness_problem` finds none, else 503 with the problem."""
 
     async def readyz(request: Request) -> JSONResponse:
-        if await is_ready():
+        problem = await readiness_problem()
+        if problem is None:
             return JSONResponse({"status": "ready"})
-        return JSONResponse({"status": "unavailable", "reason": "database unreachable"}, status_code=503)
+        return JSONResponse({"status": "unavailable", "reason": problem}, status_code=503)
 
     return readyz

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sqlite3
 import subprocess
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import httpx
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from app.platform.db import head_revision
 from tests.e2e.conftest import server_env
 from tests.servers import ROOT, run_migrations, run_server
 
@@ -73,13 +75,28 @@ def test_buf_curl_calls_get_me_through_reflection(server, tokens) -> None:
 
 
 def test_readyz_waits_for_migrations(tmp_path, cert_server) -> None:
-    env = server_env(cert_server, f"sqlite+aiosqlite:///{tmp_path / 'unmigrated.db'}", DEV_KEYS_DIR=str(tmp_path / "keys"))
+    database = tmp_path / "unmigrated.db"
+    env = server_env(cert_server, f"sqlite+aiosqlite:///{database}", DEV_KEYS_DIR=str(tmp_path / "keys"))
+
+    def set_revision(revision: str) -> httpx.Response:
+        with sqlite3.connect(database) as connection:
+            connection.execute("UPDATE alembic_version SET version_num = ?", (revision,))
+        return httpx.get(f"{server.url}/readyz")
+
     with run_server(env, tmp_path / "server.log") as server:
         before = httpx.get(f"{server.url}/readyz")
         run_migrations(env)
         after = httpx.get(f"{server.url}/readyz")
+        behind = set_revision("0001")
+        # A release that migrated ahead during a rolling deploy: older code keeps serving.
+        ahead = set_revision("9999_from_a_newer_release")
         log = server.log()
 
+    head = head_revision()
     assert before.status_code == 503
+    assert before.json()["reason"] == f"database schema at revision None, expected {head}"
     assert after.status_code == 200
+    assert behind.status_code == 503
+    assert behind.json()["reason"] == f"database schema at revision 0001, expected {head}"
+    assert ahead.status_code == 200
     assert "run `python -m app migrate`" in log
