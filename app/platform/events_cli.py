@@ -12,6 +12,8 @@ from app.platform.events import Consumer, EventRelay, list_dead_letters
 from app.settings import Settings
 
 ConsumerFactory = Callable[[Settings], Sequence[Consumer]]
+# Most dead letters one listing prints.
+MAX_LIST_LIMIT = 10_000
 
 
 def add_events_command(commands: argparse._SubParsersAction, consumers: ConsumerFactory) -> None:
@@ -24,12 +26,14 @@ def add_events_command(commands: argparse._SubParsersAction, consumers: Consumer
     actions = events_parser.add_subparsers(dest="events_command", required=True)
 
     list_parser = actions.add_parser("dead-letters", help="list dead-lettered events, oldest first")
-    list_parser.add_argument("--limit", type=int, default=100, help="maximum number of dead letters to list (default: 100)")
+    list_parser.add_argument(
+        "--limit", type=_limit, default=100, help=f"maximum number of dead letters to list, 1 to {MAX_LIST_LIMIT} (default: 100)"
+    )
     list_parser.set_defaults(run=print_dead_letters)
 
     replay_parser = actions.add_parser("replay", help="run a dead-lettered event through its consumer again")
     replay_parser.add_argument("--consumer", required=True, help="name of the consumer that dead-lettered the event")
-    replay_parser.add_argument("--event-id", required=True, help="id of the dead-lettered event")
+    replay_parser.add_argument("--event-id", type=_non_empty, required=True, help="id of the dead-lettered event")
     replay_parser.set_defaults(run=replay, consumers=consumers)
 
 
@@ -68,3 +72,19 @@ async def _replay(settings: Settings, consumers: Sequence[Consumer], consumer_na
         await EventRelay(database, consumers).replay_dead_letter(consumer_name, event_id)
     finally:
         await database.dispose()
+
+
+def _limit(value: str) -> int:
+    try:
+        limit = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number: got {value!r}") from None
+    if not 1 <= limit <= MAX_LIST_LIMIT:
+        raise argparse.ArgumentTypeError(f"must be 1 to {MAX_LIST_LIMIT}: got {value}")
+    return limit
+
+
+def _non_empty(value: str) -> str:
+    if not value.strip():
+        raise argparse.ArgumentTypeError("must not be empty")
+    return value

@@ -402,7 +402,12 @@ def _bare_error(scope, status: int, service: str, method: str) -> tuple[Code, st
     if status == 404:
         return Code.UNIMPLEMENTED, f"{service} has no method {method}: list its methods with server reflection"
     if status == 405:
-        return Code.UNIMPLEMENTED, f"{service}/{method} must be called with POST: only methods without side effects take GET"
+        descriptor = method_descriptor(service, method)
+        takes_get = descriptor is not None and descriptor.GetOptions().idempotency_level == descriptor.GetOptions().NO_SIDE_EFFECTS
+        if scope["method"] == "GET" and not takes_get:
+            return Code.UNIMPLEMENTED, f"{service}/{method} must be called with POST: only methods without side effects take GET"
+        allowed = "POST or GET" if takes_get else "POST"
+        return Code.UNIMPLEMENTED, f"{service}/{method} must be called with {allowed}: got {scope['method']}"
     sent = header(scope, b"content-type") or "no content-type"
     if _is_streaming(service, method):
         wanted = "application/connect+json or application/connect+proto, with enveloped messages (a Connect streaming client)"

@@ -258,6 +258,13 @@ def test_bare_rejections_get_an_error_body(server, tokens, path, headers, status
     assert message in response.json()["message"]
 
 
+def test_delete_of_method_names_the_allowed_methods(server, tokens) -> None:
+    response = httpx.delete(f"{server.url}/{USERS}/GetMe", headers={"authorization": f"Bearer {tokens.mint(new_uid('delete'))}"})
+
+    assert response.status_code == 405
+    assert response.json()["message"] == f"{USERS}/GetMe must be called with POST or GET: got DELETE"
+
+
 def test_get_of_method_with_side_effects_gets_an_error_body(server, tokens) -> None:
     response = httpx.get(
         f"{server.url}/{USERS}/UpdateMe?encoding=json&message=%7B%7D", headers={"authorization": f"Bearer {tokens.mint(new_uid('get'))}"}
