@@ -1,21 +1,54 @@
 """Limits on the calls that hold a whole file in memory: Upload and CompleteUpload.
 
-A call takes a slot before it reads any bytes and gives it back when it ends. When no slot is
-free, the call fails at once with `resource_exhausted` instead of waiting, so a client cannot
-pile up buffered uploads in a queue. The counts are per process: each process of a deployment
-has its own slots.
+A CompleteUpload takes a slot before it reads any bytes, and an Upload when its first chunk
+arrives, so a stream that sends its metadata and then nothing takes no slot. Either gives the
+slot back when it ends. When no slot is free, the call fails at once with `resource_exhausted`
+instead of waiting, so a client cannot pile up buffered uploads in a queue. The counts are per
+process: each process of a deployment has its own slots.
+
+An Upload stream whose next chunk does not arrive within UPLOAD_CHUNK_IDLE_SECONDS fails with
+`deadline_exceeded`, so a stalled client cannot keep its slot until the server's deadline.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 
-from app.platform.errors import Aborted, ResourceExhausted
+from app.platform.errors import Aborted, DeadlineExceeded, ResourceExhausted
 
 DEFAULT_MAX_PER_USER = 2
 DEFAULT_MAX_PER_PROCESS = 8
+# The maximum wait for the next chunk of an Upload stream that carries bytes. Chunks of 0 bytes
+# do not count, so they cannot keep a stalled stream alive. Read on every wait, so tests can
+# change it.
+UPLOAD_CHUNK_IDLE_SECONDS = 15.0
+
+
+async def chunks_in_time(chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    """Yield the non-empty chunks of an Upload stream, each within UPLOAD_CHUNK_IDLE_SECONDS of the previous one.
+
+    Raises:
+        DeadlineExceeded: no chunk with bytes arrived in time; the wait for `chunks` is cancelled.
+    """
+    iterator = aiter(chunks)
+    while True:
+        idle_seconds = UPLOAD_CHUNK_IDLE_SECONDS
+        try:
+            async with asyncio.timeout(idle_seconds):
+                chunk = b""
+                while not chunk:
+                    chunk = await anext(iterator)
+        except StopAsyncIteration:
+            return
+        except TimeoutError:
+            raise DeadlineExceeded(
+                f"upload stream stalled: no chunk arrived for {idle_seconds:g} seconds; send the chunks without pauses",
+                reason="UPLOAD_STALLED",
+            ) from None
+        yield chunk
 
 
 class UploadSlots:

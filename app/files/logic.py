@@ -43,6 +43,7 @@ from app.files.concurrency import (
     DEFAULT_MAX_PER_PROCESS,
     DEFAULT_MAX_PER_USER,
     UploadSlots,
+    chunks_in_time,
 )
 from app.files.model import (
     FAILURE_REASON_MAX_LENGTH,
@@ -242,7 +243,8 @@ class Files:
 
         Reading stops with ResourceExhausted as soon as the bytes exceed the maximum file size or
         the caller's quota, and with InvalidInput as soon as they exceed the declared size. A
-        stream that ends short of the declared size fails with InvalidInput too.
+        stream that ends short of the declared size fails with InvalidInput too, and one that
+        stalls between chunks fails with DeadlineExceeded (see chunks_in_time).
         """
         now = now or datetime.now(UTC)
         name, content_type, sha256 = self._check_declaration(
@@ -251,8 +253,13 @@ class Files:
         if metadata.size is not None:
             self._check_max_size(metadata.size)
 
+        # The slot is taken when the first bytes arrive (or the stream ends), so that streams
+        # which send their metadata and then wait hold no slot that CompleteUpload needs.
+        timed_chunks = chunks_in_time(chunks)
+        first = await anext(timed_chunks, None)
         with self.upload_slots.hold(principal.uid):
-            return await self._store_stream(principal, name, content_type, sha256, metadata.size, chunks, now)
+            rest = _chunks_after(first, timed_chunks)
+            return await self._store_stream(principal, name, content_type, sha256, metadata.size, rest, now)
 
     async def _store_stream(
         self,
@@ -686,6 +693,15 @@ async def revoke_upload_urls(session: AsyncSession, files: Iterable[File], now: 
             by_delete_time.setdefault((file.uid, delete_time), []).append(file.keys.original)
     for (uid, delete_time), keys in by_delete_time.items():
         await store.add_revoked_uploads(session, uid, keys, delete_time)
+
+
+async def _chunks_after(first: bytes | None, rest: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    """Yield `first`, unless it is None, then the chunks of `rest`."""
+    if first is None:
+        return
+    yield first
+    async for chunk in rest:
+        yield chunk
 
 
 def upload_url_end_time(file: File) -> datetime:

@@ -9,14 +9,15 @@ small JSON body such as {"error": "expired"} and never a stack trace. The status
     400  invalid key, or a body that ended early
     403  missing, invalid or expired signature
     404  no object
-    408  no body bytes for BODY_IDLE_TIMEOUT_SECONDS
+    408  no body bytes for BODY_IDLE_TIMEOUT_SECONDS, or the body did not finish within the
+         upload's time limit (see transfer_time_limit) or before the signed URL expired
     409  an object, or another upload in progress, already uses the key
     410  the upload gate no longer accepts the key
     413  body over max_bytes
     415  Content-Type other than the signed one
     416  unsatisfiable Range
-    503  (with Retry-After) MAX_CONCURRENT_TRANSFERS in progress, or a failed disk or upload
-         gate, which is logged
+    503  (with Retry-After) MAX_CONCURRENT_TRANSFERS in progress, MAX_TRANSFERS_PER_OWNER in
+         progress for the owner of the key, or a failed disk or upload gate, which is logged
     500  anything unexpected, logged
 """
 
@@ -30,6 +31,7 @@ import re
 import threading
 import time
 import unicodedata
+from collections import Counter
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import BinaryIO
@@ -61,6 +63,15 @@ MAX_CONCURRENT_TRANSFERS = 64
 # An upload that sends no body bytes for this long gets 408, and a download whose client takes
 # no bytes for this long is abandoned, so a stalled client cannot hold a transfer slot forever.
 BODY_IDLE_TIMEOUT_SECONDS = 15.0
+# Transfers in progress at once for the keys of one owner, the first segment of a key
+# ("<uid>/<file id>"), so that one user's slow transfers leave the other slots to other users.
+MAX_TRANSFERS_PER_OWNER = 4
+# A transfer must end within max(MIN_TRANSFER_SECONDS, bytes / MIN_TRANSFER_BYTES_PER_SECOND),
+# counting the signed max_bytes of an upload and the bytes sent by a download. Without this, a
+# client that sends or reads one byte just inside BODY_IDLE_TIMEOUT_SECONDS keeps its slot
+# for as long as it likes. A 10 MiB transfer gets 160 seconds.
+MIN_TRANSFER_SECONDS = 30.0
+MIN_TRANSFER_BYTES_PER_SECOND = 64 * 1024
 RETRY_AFTER_SECONDS = 1
 # Range positions with more digits than this (after leading zeros) are past the end of any file.
 MAX_RANGE_DIGITS = 18
@@ -85,34 +96,58 @@ class UnsatisfiableRange(Exception):
     """The Range header names no byte of the object."""
 
 
-class ClientStalled(Exception):
-    """The client took no bytes of a download for BODY_IDLE_TIMEOUT_SECONDS."""
+class ClientTooSlow(Exception):
+    """The client of a download took no bytes for BODY_IDLE_TIMEOUT_SECONDS, or not all of them in time."""
+
+
+def transfer_time_limit(size: int) -> float:
+    """Return the seconds that a transfer of `size` bytes may take from its start to its last byte."""
+    return max(MIN_TRANSFER_SECONDS, size / MIN_TRANSFER_BYTES_PER_SECOND)
+
+
+def key_owner(key: str) -> str:
+    """Return the owner of a storage key: its first segment."""
+    return key.partition("/")[0]
 
 
 class TransferSlots:
-    """The count of transfers in progress and the keys being uploaded, shared by every request.
+    """The transfers in progress, in total and per owner, and the keys being uploaded.
 
-    A plain lock, never held across an await, so it works whichever thread and event loop serve
-    the routes (tests serve them on a thread of their own).
+    One instance is shared by every request. A plain lock, never held across an await, so it
+    works whichever thread and event loop serve the routes (tests serve them on a thread of
+    their own).
     """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._in_progress = 0
+        self._per_owner: Counter[str] = Counter()
         self._uploading: set[str] = set()
 
-    def acquire(self) -> bool:
-        """Take a slot and return True, or return False when MAX_CONCURRENT_TRANSFERS are taken."""
-        with self._lock:
-            if self._in_progress >= MAX_CONCURRENT_TRANSFERS:
-                return False
-            self._in_progress += 1
-            return True
+    def acquire(self, owner: str) -> str | None:
+        """Take a slot for a transfer of `owner`'s key and return None, or return why none is free.
 
-    def release(self) -> None:
-        """Give back a slot that acquire returned."""
+        The reason is the message of the 503 reply.
+        """
+        with self._lock:
+            if self._per_owner[owner] >= MAX_TRANSFERS_PER_OWNER:
+                return (
+                    f"too many transfers in progress for the owner of this key: at most {MAX_TRANSFERS_PER_OWNER}, "
+                    "try again once one has finished"
+                )
+            if self._in_progress >= MAX_CONCURRENT_TRANSFERS:
+                return f"too many transfers in progress: at most {MAX_CONCURRENT_TRANSFERS}, try again later"
+            self._in_progress += 1
+            self._per_owner[owner] += 1
+            return None
+
+    def release(self, owner: str) -> None:
+        """Give back a slot that acquire took for `owner`."""
         with self._lock:
             self._in_progress -= 1
+            self._per_owner[owner] -= 1
+            if self._per_owner[owner] <= 0:
+                del self._per_owner[owner]
 
     def claim_key(self, key: str) -> bool:
         """Mark `key` as being uploaded and return True, or return False when it already is."""
@@ -166,8 +201,9 @@ async def _download(storage: LocalStorage, slots: TransferSlots, request: Reques
     if remaining < 0:
         return _error(403, "expired")
 
-    if not slots.acquire():
-        return _busy()
+    owner = key_owner(key)
+    if (busy := slots.acquire(owner)) is not None:
+        return _unavailable(busy)
     # The slot passes to the streamed reply, which releases it when the reply ends.
     handed_over = False
     try:
@@ -181,12 +217,12 @@ async def _download(storage: LocalStorage, slots: TransferSlots, request: Reques
             stored.file.close()
             raise
         if isinstance(response, ObjectStreamResponse):
-            response.on_close = slots.release
+            response.on_close = lambda: slots.release(owner)
             handed_over = True
         return response
     finally:
         if not handed_over:
-            slots.release()
+            slots.release(owner)
 
 
 def _object_response(request: Request, stored: StoredObject, file_name: str, inline: bool, max_age: int) -> Response:
@@ -232,28 +268,38 @@ class ObjectStreamResponse(StreamingResponse):
 
     The file is opened before the reply starts, so a concurrent put() cannot mix two versions,
     and it is closed even when the client leaves before the first chunk. A send that waits more
-    than BODY_IDLE_TIMEOUT_SECONDS for the client ends the reply.
+    than BODY_IDLE_TIMEOUT_SECONDS for the client ends the reply, and so does a send still
+    waiting when transfer_time_limit(length) has passed since the reply started.
     """
 
     def __init__(self, stored: StoredObject, start: int, length: int, **options) -> None:
         super().__init__(_file_chunks(stored, start, length), **options)
         self.stored = stored
+        self.length = length
         self.on_close = lambda: None
 
     async def __call__(self, scope, receive, send) -> None:
+        time_limit = transfer_time_limit(self.length)
+        deadline = time.monotonic() + time_limit
+
         async def send_in_time(message) -> None:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise ClientTooSlow(f"the client did not take all bytes within {time_limit:g} seconds")
             try:
-                await asyncio.wait_for(send(message), BODY_IDLE_TIMEOUT_SECONDS)
+                await asyncio.wait_for(send(message), min(BODY_IDLE_TIMEOUT_SECONDS, remaining))
             except TimeoutError as error:
                 # Starlette 1.10 turns OSError, and so TimeoutError, into ClientDisconnect.
-                raise ClientStalled from error
+                if remaining < BODY_IDLE_TIMEOUT_SECONDS:
+                    raise ClientTooSlow(f"the client did not take all bytes within {time_limit:g} seconds") from error
+                raise ClientTooSlow(f"the client took no bytes for {BODY_IDLE_TIMEOUT_SECONDS:g} seconds") from error
 
         try:
             await super().__call__(scope, receive, send_in_time)
-        except ClientStalled:
+        except ClientTooSlow as error:
             # NOTE: this needs a server whose send waits while the client reads nothing, as
-            # zttp's does. A server that buffers whole replies never reaches this timeout.
-            log.info("download abandoned: the client took no bytes in time", extra={"key": self.stored.info.key})
+            # zttp's does. A server that buffers whole replies never reaches these limits.
+            log.info("download abandoned", extra={"key": self.stored.info.key, "error": str(error)})
         finally:
             self.stored.file.close()
             self.on_close()
@@ -347,20 +393,45 @@ async def _upload(storage: LocalStorage, slots: TransferSlots, request: Request)
     if declared is not None and declared > max_bytes:
         return _error(413, f"body must be at most {max_bytes} bytes")
 
-    if not slots.acquire():
-        return _busy()
+    owner = key_owner(key)
+    if (busy := slots.acquire(owner)) is not None:
+        return _unavailable(busy)
     try:
         if not slots.claim_key(key):
             return _error(409, "another upload to this URL is in progress")
         try:
-            return await _upload_once(storage, request, key, content_type, max_bytes)
+            deadline = _UploadDeadline.start(max_bytes, expires)
+            return await _upload_once(storage, request, key, content_type, max_bytes, deadline)
         finally:
             slots.release_key(key)
     finally:
-        slots.release()
+        slots.release(owner)
 
 
-async def _upload_once(storage: LocalStorage, request: Request, key: str, content_type: str, max_bytes: int) -> Response:
+class _UploadDeadline:
+    """The moment an upload must have received its whole body, and the 408 message past it."""
+
+    def __init__(self, at: float, message: str) -> None:
+        self.at = at
+        self.message = message
+
+    @classmethod
+    def start(cls, max_bytes: int, expires: int) -> _UploadDeadline:
+        """Return the earlier of the upload's time limit and the expiry of its signed URL, from now."""
+        time_limit = transfer_time_limit(max_bytes)
+        until_expiry = expires - time.time()
+        if until_expiry < time_limit:
+            return cls(time.monotonic() + until_expiry, "the upload URL expired before the body was complete")
+        return cls(time.monotonic() + time_limit, f"the body did not arrive within {time_limit:g} seconds")
+
+    def wait_seconds(self) -> float:
+        """Return how long the next read of the body may wait: the idle timeout, or less near the deadline."""
+        return max(0.0, min(BODY_IDLE_TIMEOUT_SECONDS, self.at - time.monotonic()))
+
+
+async def _upload_once(
+    storage: LocalStorage, request: Request, key: str, content_type: str, max_bytes: int, deadline: _UploadDeadline
+) -> Response:
     """Store the body under `key`, while this request is the only upload of the key in progress."""
     path = await asyncio.to_thread(storage.object_path, key)
     if await asyncio.to_thread(path.exists):
@@ -368,13 +439,19 @@ async def _upload_once(storage: LocalStorage, request: Request, key: str, conten
     if (refusal := await _check_upload_gate(storage, key)) is not None:
         return refusal
 
-    return await _receive_object(storage, request, key, path, content_type, max_bytes)
+    return await _receive_object(storage, request, key, path, content_type, max_bytes, deadline)
 
 
 async def _receive_object(
-    storage: LocalStorage, request: Request, key: str, path: Path, content_type: str, max_bytes: int
+    storage: LocalStorage,
+    request: Request,
+    key: str,
+    path: Path,
+    content_type: str,
+    max_bytes: int,
+    deadline: _UploadDeadline,
 ) -> Response:
-    """Stream the body into a temporary file, stopping as soon as it passes max_bytes."""
+    """Stream the body into a temporary file, stopping as soon as it passes max_bytes or its deadline."""
     temporary: Path | None = None
     file: BinaryIO | None = None
     try:
@@ -382,11 +459,16 @@ async def _receive_object(
         size = 0
         chunks = aiter(request.stream())
         while True:
+            wait_seconds = deadline.wait_seconds()
             try:
-                chunk = await asyncio.wait_for(anext(chunks), BODY_IDLE_TIMEOUT_SECONDS)
+                chunk = await asyncio.wait_for(anext(chunks), wait_seconds)
             except StopAsyncIteration:
                 break
             except TimeoutError:
+                # Decided by the wait rather than the clock, because asyncio can fire a timer early.
+                if wait_seconds < BODY_IDLE_TIMEOUT_SECONDS:
+                    log.info("upload timed out", extra={"key": key, "received_bytes": size, "error": deadline.message})
+                    return _error(408, deadline.message)
                 log.info("upload timed out waiting for the body", extra={"key": key, "received_bytes": size})
                 return _error(408, f"no body bytes arrived for {BODY_IDLE_TIMEOUT_SECONDS:g} seconds")
             except ClientDisconnect:
@@ -502,7 +584,3 @@ def _error(status: int, message: str, *, headers: dict[str, str] | None = None) 
 
 def _unavailable(message: str) -> JSONResponse:
     return _error(503, message, headers={"retry-after": str(RETRY_AFTER_SECONDS)})
-
-
-def _busy() -> JSONResponse:
-    return _unavailable(f"too many transfers in progress: at most {MAX_CONCURRENT_TRANSFERS}, try again later")

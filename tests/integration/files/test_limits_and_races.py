@@ -19,13 +19,18 @@ from functions.events.v1 import events_pb2
 from PIL import Image
 from sqlalchemy import select
 
-from app.files import logic, store
+from app.files import concurrency, logic, store
 from app.files.concurrency import UploadSlots
 from app.files.logic import UploadMetadata
 from app.files.model import File, FileStatus, RevokedUploadRow, uid_key_segment
 from app.platform.context import Principal
 from app.platform.db import Database
-from app.platform.errors import Aborted, InvalidInput, ResourceExhausted
+from app.platform.errors import (
+    Aborted,
+    DeadlineExceeded,
+    InvalidInput,
+    ResourceExhausted,
+)
 from app.platform.events import record_event
 from app.platform.storage.local import LocalStorage
 from app.platform.storage.port import ObjectStorage
@@ -154,8 +159,23 @@ class Gate:
 
 
 async def held_stream(gate: Gate, data: bytes) -> AsyncIterator[bytes]:
+    # The first byte comes at once, because an Upload takes its slot only when bytes arrive.
+    yield data[:1]
     await gate.wait()
-    yield data
+    yield data[1:]
+
+
+async def silent_stream(gate: Gate, *chunks: bytes) -> AsyncIterator[bytes]:
+    """Yield `chunks`, then wait at the gate and end, as a client that stops sending does."""
+    for chunk in chunks:
+        yield chunk
+    await gate.wait()
+
+
+async def empty_chunks_forever() -> AsyncIterator[bytes]:
+    while True:
+        await asyncio.sleep(0.05)
+        yield b""
 
 
 class HeldReads:
@@ -244,6 +264,87 @@ async def test_second_completion_of_one_file_is_aborted(database: Database, loca
     assert "a completion of file" in raised.value.message
     assert done.status is FileStatus.READY
     assert (await files.complete_upload(principal, file.id)).status is FileStatus.READY
+
+
+async def test_metadata_only_uploads_hold_no_slots(database: Database, local_storage: LocalStorage) -> None:
+    # The reported case: four users open two Upload streams each, send the metadata and stop.
+    files = files_for(database, local_storage, max_concurrent_uploads_per_user=2, max_concurrent_uploads=8)
+    gate = Gate()
+    idle = [
+        asyncio.create_task(files.upload(principal, text_metadata(), silent_stream(gate)))
+        for principal in [new_principal() for _ in range(4)]
+        for _ in range(2)
+    ]
+    await gate.reached.wait()
+    await asyncio.sleep(0.05)
+
+    in_use = files.upload_slots.in_use
+    other = new_principal()
+    file = await uploaded(files, other, TEXT)
+    done = await files.complete_upload(other, file.id)
+    streamed = await files.upload(other, text_metadata(), stream(TEXT))
+    gate.opened.set()
+    ended = await asyncio.gather(*idle, return_exceptions=True)
+
+    assert in_use == 0
+    assert done.status is FileStatus.READY
+    assert streamed.status is FileStatus.READY
+    assert all(isinstance(error, InvalidInput) for error in ended)
+    assert files.upload_slots.in_use == 0
+
+
+async def test_stalled_upload_ends_and_frees_slot(
+    database: Database, local_storage: LocalStorage, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(concurrency, "UPLOAD_CHUNK_IDLE_SECONDS", 0.3)
+    files, principal = files_for(database, local_storage, max_concurrent_uploads_per_user=1), new_principal()
+    gate = Gate()
+    stalled = asyncio.create_task(files.upload(principal, text_metadata(), silent_stream(gate, TEXT[:1])))
+    await gate.reached.wait()
+    in_use_while_stalled = files.upload_slots.in_use
+
+    started = asyncio.get_running_loop().time()
+    with pytest.raises(DeadlineExceeded) as raised:
+        await asyncio.wait_for(stalled, 10)
+    waited = asyncio.get_running_loop().time() - started
+    after = await files.upload(principal, text_metadata(), stream(TEXT))
+
+    assert in_use_while_stalled == 1
+    assert raised.value.reason == "UPLOAD_STALLED"
+    assert raised.value.message == (
+        "upload stream stalled: no chunk arrived for 0.3 seconds; send the chunks without pauses"
+    )
+    assert waited < 10
+    assert after.status is FileStatus.READY
+    assert files.upload_slots.in_use == 0
+    async with database.unit_of_work() as session:
+        assert (await store.get_usage(session, principal.uid)).count == 1
+
+
+async def test_metadata_only_upload_times_out(
+    database: Database, local_storage: LocalStorage, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(concurrency, "UPLOAD_CHUNK_IDLE_SECONDS", 0.3)
+    files = files_for(database, local_storage)
+
+    with pytest.raises(DeadlineExceeded) as raised:
+        await asyncio.wait_for(files.upload(new_principal(), text_metadata(), silent_stream(Gate())), 10)
+
+    assert raised.value.reason == "UPLOAD_STALLED"
+    assert files.upload_slots.in_use == 0
+
+
+async def test_empty_chunks_do_not_keep_upload_alive(
+    database: Database, local_storage: LocalStorage, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(concurrency, "UPLOAD_CHUNK_IDLE_SECONDS", 0.3)
+    files = files_for(database, local_storage)
+
+    with pytest.raises(DeadlineExceeded) as raised:
+        await asyncio.wait_for(files.upload(new_principal(), text_metadata(), empty_chunks_forever()), 10)
+
+    assert raised.value.reason == "UPLOAD_STALLED"
+    assert files.upload_slots.in_use == 0
 
 
 def test_upload_slots_reject_zero_limits() -> None:

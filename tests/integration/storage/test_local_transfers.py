@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
+import secrets
 import shutil
 import time
 from pathlib import Path
@@ -189,11 +191,89 @@ async def test_many_slow_uploads_are_bounded(local_storage: LocalStorage) -> Non
     await wait_until(lambda: temporary_files(local_storage) == [])
 
 
-async def status_line_or_none(upload: SlowUpload) -> bytes | None:
+async def status_line_or_none(upload: SlowUpload, timeout: float = 3) -> bytes | None:
     try:
-        return await upload.status_line(timeout=3)
+        return await upload.status_line(timeout=timeout)
     except TimeoutError:
         return None
+
+
+# Transfers per owner.
+
+
+def key_of(owner: str) -> str:
+    return f"{owner}/file-{secrets.token_hex(4)}"
+
+
+async def test_trickling_owner_leaves_slots_to_others(local_storage: LocalStorage, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The reported attack, scaled down: one owner opens more slow PUTs than the whole process
+    # allows and sends a byte now and then into each.
+    monkeypatch.setattr(local_http, "MAX_CONCURRENT_TRANSFERS", 8)
+    attacker = f"user-{secrets.token_hex(6)}"
+    slow = [await SlowUpload.start(await upload_url(local_storage, key_of(attacker))) for _ in range(10)]
+    status_lines = await asyncio.gather(*(status_line_or_none(upload) for upload in slow))
+    for upload in slow:
+        with contextlib.suppress(ConnectionError):
+            await upload.send(b"x")
+
+    _, download = await stored_download_url(local_storage)
+    other_key = new_key()
+    other_upload = await put_to(await upload_url(local_storage, other_key), b"hello")
+    async with httpx.AsyncClient() as client:
+        other_download = await client.get(download)
+    in_progress = len(temporary_files(local_storage))
+    for upload in slow:
+        upload.close()
+
+    rejected = [line for line in status_lines if line is not None]
+    assert len(rejected) == 10 - local_http.MAX_TRANSFERS_PER_OWNER
+    assert all(line.startswith(b"HTTP/1.1 503 ") for line in rejected)
+    assert in_progress == local_http.MAX_TRANSFERS_PER_OWNER
+    assert other_upload.status_code == 200
+    assert await local_storage.get(other_key) == b"hello"
+    assert other_download.status_code == 200
+    assert other_download.content == b"0123456789"
+
+
+async def test_transfers_past_owner_limit_get_503(local_storage: LocalStorage, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(local_http, "MAX_TRANSFERS_PER_OWNER", 2)
+    owner = f"user-{secrets.token_hex(6)}"
+    stored_key = key_of(owner)
+    await local_storage.put(stored_key, b"data", content_type="text/plain")
+    download = await local_storage.signed_download_url(stored_key, expires_in_seconds=60, file_name="a.txt", inline=True)
+    slow = [await SlowUpload.start(await upload_url(local_storage, key_of(owner))) for _ in range(2)]
+    await wait_until(lambda: len(temporary_files(local_storage)) == 2)
+
+    started = time.monotonic()
+    upload = await put_to(await upload_url(local_storage, key_of(owner)), b"hello")
+    async with httpx.AsyncClient() as client:
+        got = await client.get(download)
+    elapsed = time.monotonic() - started
+    for upload_in_progress in slow:
+        upload_in_progress.close()
+
+    message = "too many transfers in progress for the owner of this key: at most 2, try again once one has finished"
+    assert upload.status_code == 503
+    assert upload.headers["retry-after"] == "1"
+    assert upload.json() == {"error": message}
+    assert got.status_code == 503
+    assert got.json() == {"error": message}
+    assert elapsed < 5.0
+
+
+async def test_owner_slots_return_after_uploads_end(local_storage: LocalStorage, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(local_http, "MAX_TRANSFERS_PER_OWNER", 1)
+    owner = f"user-{secrets.token_hex(6)}"
+    slow = await SlowUpload.start(await upload_url(local_storage, key_of(owner)))
+    await wait_until(lambda: len(temporary_files(local_storage)) == 1)
+    busy = await put_to(await upload_url(local_storage, key_of(owner)), b"hello")
+
+    slow.close()
+    await wait_until(lambda: temporary_files(local_storage) == [])
+    accepted = await put_to(await upload_url(local_storage, key_of(owner)), b"hello")
+
+    assert busy.status_code == 503
+    assert accepted.status_code == 200
 
 
 # Stalled bodies.
@@ -222,6 +302,85 @@ async def test_stalled_upload_without_body_gets_408(local_storage: LocalStorage,
     upload.close()
 
     assert status_line.startswith(b"HTTP/1.1 408 ")
+
+
+async def test_trickled_upload_gets_408_at_time_limit(local_storage: LocalStorage, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(local_http, "MIN_TRANSFER_SECONDS", 0.5)
+    monkeypatch.setattr(local_http, "MIN_TRANSFER_BYTES_PER_SECOND", 10**9)
+    key = new_key()
+    upload = await SlowUpload.start(await upload_url(local_storage, key))
+    started = time.monotonic()
+
+    # Each byte arrives well inside the idle timeout of 15 seconds.
+    status_line = None
+    while status_line is None and time.monotonic() - started < 10:
+        with contextlib.suppress(ConnectionError):
+            await upload.send(b"x")
+        status_line = await status_line_or_none(upload, timeout=0.1)
+    # The server may keep the connection open, so read up to the end of the JSON body.
+    body = await asyncio.wait_for(upload.reader.readuntil(b"}"), 5)
+    upload.close()
+
+    assert status_line is not None
+    assert status_line.startswith(b"HTTP/1.1 408 ")
+    assert body.endswith(b'{"error":"the body did not arrive within 0.5 seconds"}')
+    assert time.monotonic() - started < 10
+    await wait_until(lambda: temporary_files(local_storage) == [])
+    assert await local_storage.list_keys(key.split("/")[0]) == []
+
+
+async def test_upload_must_finish_before_url_expiry(local_storage: LocalStorage) -> None:
+    key = new_key()
+    url = await local_storage.signed_upload_url(key, expires_in_seconds=2, content_type="text/plain", max_bytes=1000)
+    upload = await SlowUpload.start(url)
+    started = time.monotonic()
+
+    status_line = None
+    while status_line is None and time.monotonic() - started < 10:
+        with contextlib.suppress(ConnectionError):
+            await upload.send(b"x")
+        status_line = await status_line_or_none(upload, timeout=0.2)
+    # The server may keep the connection open, so read up to the end of the JSON body.
+    body = await asyncio.wait_for(upload.reader.readuntil(b"}"), 5)
+    upload.close()
+
+    assert status_line is not None
+    assert status_line.startswith(b"HTTP/1.1 408 ")
+    assert body.endswith(b'{"error":"the upload URL expired before the body was complete"}')
+    await wait_until(lambda: temporary_files(local_storage) == [])
+
+
+async def test_slow_reading_download_ends_at_time_limit(local_storage: LocalStorage, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(local_http, "MAX_CONCURRENT_TRANSFERS", 1)
+    monkeypatch.setattr(local_http, "MIN_TRANSFER_SECONDS", 0.5)
+    monkeypatch.setattr(local_http, "MIN_TRANSFER_BYTES_PER_SECOND", 10**12)
+    size = 64 * 1024 * 1024
+    _, large = await stored_download_url(local_storage, data=os.urandom(size), content_type="application/octet-stream")
+    _, small = await stored_download_url(local_storage)
+    parts = urlsplit(large)
+    reader, writer = await asyncio.open_connection(parts.hostname, parts.port)
+    writer.write(f"GET {parts.path}?{parts.query} HTTP/1.1\r\nHost: t\r\n\r\n".encode())
+    await writer.drain()
+
+    # A client that reads a little every 50 ms never trips the idle timeout of 15 seconds.
+    received = 0
+
+    async def read_slowly() -> None:
+        nonlocal received
+        while data := await reader.read(64 * 1024):
+            received += len(data)
+            await asyncio.sleep(0.05)
+
+    reading = asyncio.create_task(read_slowly())
+    await wait_until(lambda: received > 0)
+    await wait_until(lambda: open_files_under(local_storage.objects_root) == [], timeout=10)
+    async with httpx.AsyncClient() as client:
+        after = await get_once_free(client, small)
+    reading.cancel()
+    writer.close()
+
+    assert received < size
+    assert after.status_code == 200
 
 
 async def test_headers_alone_open_no_file(local_storage: LocalStorage) -> None:

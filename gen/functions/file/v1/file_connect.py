@@ -73,8 +73,11 @@ class FileService(Protocol):
         """
         Uploads a file in one call: the first message carries the metadata, the
         following ones the bytes in order. The same checks as CompleteUpload
-        apply, and the same limit on calls in progress. For gRPC and Connect
-        streaming clients; browsers use CreateUpload.
+        apply, and the same limit on calls in progress, which an Upload joins
+        when its first chunk with bytes arrives. Fails with `deadline_exceeded`
+        when no chunk with bytes arrives within 15 seconds of the metadata or of
+        the previous chunk. For gRPC and Connect streaming clients; browsers use
+        CreateUpload.
         """
         raise ConnectError(Code.UNIMPLEMENTED, 'Not implemented')
 
@@ -327,8 +330,11 @@ class FileServiceClient(ConnectClient):
         """
         Uploads a file in one call: the first message carries the metadata, the
         following ones the bytes in order. The same checks as CompleteUpload
-        apply, and the same limit on calls in progress. For gRPC and Connect
-        streaming clients; browsers use CreateUpload.
+        apply, and the same limit on calls in progress, which an Upload joins
+        when its first chunk with bytes arrives. Fails with `deadline_exceeded`
+        when no chunk with bytes arrives within 15 seconds of the metadata or of
+        the previous chunk. For gRPC and Connect streaming clients; browsers use
+        CreateUpload.
         """
         return await self.execute_client_stream(
             request=request,
@@ -505,8 +511,11 @@ class FileServiceSync(Protocol):
         """
         Uploads a file in one call: the first message carries the metadata, the
         following ones the bytes in order. The same checks as CompleteUpload
-        apply, and the same limit on calls in progress. For gRPC and Connect
-        streaming clients; browsers use CreateUpload.
+        apply, and the same limit on calls in progress, which an Upload joins
+        when its first chunk with bytes arrives. Fails with `deadline_exceeded`
+        when no chunk with bytes arrives within 15 seconds of the metadata or of
+        the previous chunk. For gRPC and Connect streaming clients; browsers use
+        CreateUpload.
         """
         raise ConnectError(Code.UNIMPLEMENTED, 'Not implemented')
 
@@ -757,8 +766,11 @@ class FileServiceClientSync(ConnectClientSync):
         """
         Uploads a file in one call: the first message carries the metadata, the
         following ones the bytes in order. The same checks as CompleteUpload
-        apply, and the same limit on calls in progress. For gRPC and Connect
-        streaming clients; browsers use CreateUpload.
+        apply, and the same limit on calls in progress, which an Upload joins
+        when its first chunk with bytes arrives. Fails with `deadline_exceeded`
+        when no chunk with bytes arrives within 15 seconds of the metadata or of
+        the previous chunk. For gRPC and Connect streaming clients; browsers use
+        CreateUpload.
         """
         return self.execute_client_stream(
             request=request,
