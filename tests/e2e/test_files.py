@@ -16,6 +16,7 @@ import io
 import os
 import secrets
 import signal
+import struct
 import subprocess
 import sys
 import time
@@ -28,6 +29,7 @@ import httpx
 import pytest
 from functions.file.v1 import file_pb2
 from functions.user.v1 import user_pb2
+from google.protobuf import json_format
 from PIL import Image
 
 from tests.e2e.clients import Protocol, RpcError, call, call_client_stream
@@ -705,3 +707,45 @@ async def test_crash_then_complete_and_expiry(deployments, tokens: Tokens) -> No
         assert result["sweep"].stdout.startswith("removed ")
         assert result["abandoned_error"].code == "not_found"
         assert result["keys"] == sorted([f"{kept.uid}/{kept.id}", f"{interrupted.uid}/{interrupted.id}"])
+
+
+# Upload streams that stall.
+
+
+async def test_stalled_upload_stream_is_deadline_exceeded(deployments, tokens: Tokens) -> None:
+    # A real server on a socket, with the default idle limit of 15 seconds. The stream sends its
+    # metadata and one byte over Connect on HTTP/1.1 with a chunked body, then nothing.
+    deployment = deployments["local"]
+    token = tokens.mint(new_uid())
+    frames = b""
+    for message in upload_messages("notes.txt", "text/plain", b"p", size=len(TEXT)):
+        payload = json_format.MessageToJson(message).encode()
+        frames += struct.pack(">BI", 0, len(payload)) + payload
+    host, port = deployment.address.rsplit(":", 1)
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(
+        f"POST /{SERVICE}/Upload HTTP/1.1\r\nHost: {deployment.address}\r\n"
+        "Content-Type: application/connect+json\r\nConnect-Protocol-Version: 1\r\n"
+        f"Authorization: Bearer {token}\r\nTransfer-Encoding: chunked\r\n\r\n".encode()
+        + f"{len(frames):x}\r\n".encode()
+        + frames
+        + b"\r\n"
+    )
+    await writer.drain()
+
+    # While the stream waits, another user's calls that buffer whole files still run.
+    other_token = tokens.mint(new_uid())
+    other = await upload_via_url(deployment, Protocol.CONNECT_JSON, other_token, TEXT, "text/plain")
+    started = time.monotonic()
+    reply = b""
+    while b"deadline_exceeded" not in reply and time.monotonic() - started < 60:
+        data = await asyncio.wait_for(reader.read(65536), 60)
+        if not data:
+            break
+        reply += data
+    writer.close()
+
+    assert other.status == file_pb2.FILE_STATUS_READY
+    assert reply.startswith(b"HTTP/1.1 200 ")
+    assert b'"code":"deadline_exceeded"' in reply.replace(b" ", b"")
+    assert b"upload stream stalled: no chunk arrived for 15 seconds" in reply
