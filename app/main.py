@@ -242,8 +242,8 @@ def create_app(settings: Settings | None = None) -> Starlette:
         except Exception as error:  # noqa: BLE001 - any failure means not ready
             log.warning("readiness check failed: %s", type(error).__name__)
             return "database unreachable"
-        # A revision this build does not know comes from a newer release that migrated first,
-        # as in a rolling deploy; its migrations keep older code working, so this one serves.
+        # A revision this build does not know comes from a newer release that migrated first, as
+        # in a rolling deploy. Its migrations keep older code working, so this build still serves.
         if revision is None or is_known_revision(revision) and revision != head_revision():
             log.warning(
                 "not ready: the database schema is at revision %s and this build expects %s: run `python -m app migrate`",

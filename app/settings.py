@@ -69,17 +69,17 @@ class Settings(BaseSettings):
 
     # Calls handled at once per process; more get `unavailable` at once instead of queueing.
     max_concurrent_requests: int = Field(default=256, ge=1)
-    # Server streams (Subscribe, Health/Watch) open at once per process; they do not take the
-    # slots of other calls, because they last as long as their clients stay.
+    # Server streams (Subscribe, Health/Watch) open at once per process. They last as long as
+    # their clients stay, so they have their own budget and do not take the slots of other calls.
     max_concurrent_streams: int = Field(default=1024, ge=1)
     # Calls and streams one caller (uid, else client IP) may have in progress at once per process.
     max_calls_per_caller: int = Field(default=32, ge=1)
-    # A request body must arrive within this many seconds, and a client stream must send its
-    # next message within it; else the call ends with deadline_exceeded and frees its slot.
+    # Seconds a request body, or the next message of a client stream, may take to arrive. A call
+    # whose body is later ends with deadline_exceeded and frees its slot.
     request_body_timeout_seconds: float = Field(default=15.0, gt=0)
     # Deadline for calls that carry none (connect-timeout-ms, grpc-timeout); it also bounds SQL.
     default_deadline_seconds: float = Field(default=30.0, gt=0)
-    # Longest deadline a unary or client-streaming call gets; longer client deadlines are cut to it.
+    # Maximum deadline of a unary or client-streaming call. Longer client deadlines are cut to it.
     max_deadline_seconds: float = Field(default=300.0, gt=0)
     # Seconds in-flight unary calls get to finish after SIGTERM; below fly.toml's kill_timeout.
     shutdown_grace_seconds: float = Field(default=20.0, ge=0)

@@ -271,7 +271,7 @@ def test_stalled_request_body_ends_with_deadline_exceeded(strict_server) -> None
     assert elapsed < 5.0
 
 
-def test_caller_past_its_calls_in_progress_is_resource_exhausted(strict_server) -> None:
+def test_calls_per_caller_limited(strict_server) -> None:
     with hold_calls(strict_server, 2):
         response = check_over_json(strict_server)
 

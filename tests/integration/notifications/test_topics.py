@@ -186,9 +186,9 @@ async def test_concurrent_follows_respect_the_limit(database: Database) -> None:
         *(follow(database, uid, f"race-{index}") for index in range(attempts)), return_exceptions=True
     )
 
-    refused = [result for result in results if isinstance(result, ResourceExhausted)]
-    assert [result for result in results if isinstance(result, BaseException) and result not in refused] == []
-    assert len(refused) == 30
+    over_limit = [result for result in results if isinstance(result, ResourceExhausted)]
+    assert [result for result in results if isinstance(result, BaseException) and result not in over_limit] == []
+    assert len(over_limit) == 30
     assert len(await followed(database, uid)) == logic.MAX_FOLLOWED_TOPICS
 
 
