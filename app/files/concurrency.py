@@ -6,8 +6,10 @@ slot back when it ends. When no slot is free, the call fails at once with `resou
 instead of waiting, so a client cannot pile up buffered uploads in a queue. The counts are per
 process: each process of a deployment has its own slots.
 
-An Upload stream whose next chunk does not arrive within UPLOAD_CHUNK_IDLE_SECONDS fails with
-`deadline_exceeded`, so a stalled client cannot keep its slot until the server's deadline.
+An Upload stream whose next chunk does not arrive within UPLOAD_CHUNK_IDLE_SECONDS, or that
+has not ended within max(UPLOAD_MIN_SECONDS, maximum file size / UPLOAD_MIN_BYTES_PER_SECOND),
+fails with `deadline_exceeded`, so neither a stalled nor a trickling client keeps its slot until
+the server's deadline.
 """
 
 from __future__ import annotations
@@ -25,28 +27,45 @@ DEFAULT_MAX_PER_PROCESS = 8
 # do not count, so they cannot keep a stalled stream alive. Read on every wait, so tests can
 # change it.
 UPLOAD_CHUNK_IDLE_SECONDS = 15.0
+# Every Upload stream may take this long, and a larger one as long as its maximum size needs at
+# this rate. Read on every call, so tests can change them.
+UPLOAD_MIN_SECONDS = 30.0
+UPLOAD_MIN_BYTES_PER_SECOND = 64 * 1024
 
 
-async def chunks_in_time(chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
-    """Yield the non-empty chunks of an Upload stream, each within UPLOAD_CHUNK_IDLE_SECONDS of the previous one.
+async def chunks_in_time(chunks: AsyncIterator[bytes], max_bytes: int) -> AsyncIterator[bytes]:
+    """Yield the non-empty chunks of an Upload stream of at most `max_bytes`, as long as they come in time.
+
+    Each chunk must come within UPLOAD_CHUNK_IDLE_SECONDS of the previous one, and the stream
+    must end within max(UPLOAD_MIN_SECONDS, max_bytes / UPLOAD_MIN_BYTES_PER_SECOND).
 
     Raises:
-        DeadlineExceeded: no chunk with bytes arrived in time; the wait for `chunks` is cancelled.
+        DeadlineExceeded: a chunk or the end of the stream came too late; the wait for `chunks` is cancelled.
     """
+    loop = asyncio.get_running_loop()
+    total_seconds = max(UPLOAD_MIN_SECONDS, max_bytes / UPLOAD_MIN_BYTES_PER_SECOND)
+    stream_deadline = loop.time() + total_seconds
     iterator = aiter(chunks)
     while True:
         idle_seconds = UPLOAD_CHUNK_IDLE_SECONDS
+        chunk_deadline = loop.time() + idle_seconds
         try:
-            async with asyncio.timeout(idle_seconds):
+            async with asyncio.timeout_at(min(chunk_deadline, stream_deadline)):
                 chunk = b""
                 while not chunk:
                     chunk = await anext(iterator)
         except StopAsyncIteration:
             return
         except TimeoutError:
+            if chunk_deadline <= stream_deadline:
+                raise DeadlineExceeded(
+                    f"upload stream stalled: no chunk arrived for {idle_seconds:g} seconds; send the chunks without pauses",
+                    reason="UPLOAD_STALLED",
+                ) from None
             raise DeadlineExceeded(
-                f"upload stream stalled: no chunk arrived for {idle_seconds:g} seconds; send the chunks without pauses",
-                reason="UPLOAD_STALLED",
+                f"upload stream too slow: it must end within {total_seconds:g} seconds; "
+                f"send at least {UPLOAD_MIN_BYTES_PER_SECOND // 1024} KiB per second",
+                reason="UPLOAD_TOO_SLOW",
             ) from None
         yield chunk
 

@@ -255,7 +255,7 @@ class Files:
 
         # The slot is taken when the first bytes arrive (or the stream ends), so that streams
         # which send their metadata and then wait hold no slot that CompleteUpload needs.
-        timed_chunks = chunks_in_time(chunks)
+        timed_chunks = chunks_in_time(chunks, self.limits.max_bytes)
         first = await anext(timed_chunks, None)
         with self.upload_slots.hold(principal.uid):
             rest = _chunks_after(first, timed_chunks)

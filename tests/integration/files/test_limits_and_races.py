@@ -321,6 +321,24 @@ async def test_stalled_upload_ends_and_frees_slot(
         assert (await store.get_usage(session, principal.uid)).count == 1
 
 
+async def test_trickling_upload_ends_too_slow(
+    database: Database, local_storage: LocalStorage, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(concurrency, "UPLOAD_MIN_SECONDS", 0.5)
+    files, principal = files_for(database, local_storage), new_principal()
+
+    async def trickle() -> AsyncIterator[bytes]:
+        while True:
+            yield b"x"
+            await asyncio.sleep(0.05)
+
+    with pytest.raises(DeadlineExceeded) as raised:
+        await asyncio.wait_for(files.upload(principal, text_metadata(), trickle()), 10)
+
+    assert raised.value.reason == "UPLOAD_TOO_SLOW"
+    assert files.upload_slots.in_use == 0
+
+
 async def test_metadata_only_upload_times_out(
     database: Database, local_storage: LocalStorage, monkeypatch: pytest.MonkeyPatch
 ) -> None:

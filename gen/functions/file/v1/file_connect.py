@@ -76,8 +76,9 @@ class FileService(Protocol):
         apply, and the same limit on calls in progress, which an Upload joins
         when its first chunk with bytes arrives. Fails with `deadline_exceeded`
         when no chunk with bytes arrives within 15 seconds of the metadata or of
-        the previous chunk. For gRPC and Connect streaming clients; browsers use
-        CreateUpload.
+        the previous chunk, or when the stream has not ended within 30 seconds or
+        the time the maximum file size takes at 64 KiB per second, whichever is
+        longer. For gRPC and Connect streaming clients; browsers use CreateUpload.
         """
         raise ConnectError(Code.UNIMPLEMENTED, 'Not implemented')
 
@@ -333,8 +334,9 @@ class FileServiceClient(ConnectClient):
         apply, and the same limit on calls in progress, which an Upload joins
         when its first chunk with bytes arrives. Fails with `deadline_exceeded`
         when no chunk with bytes arrives within 15 seconds of the metadata or of
-        the previous chunk. For gRPC and Connect streaming clients; browsers use
-        CreateUpload.
+        the previous chunk, or when the stream has not ended within 30 seconds or
+        the time the maximum file size takes at 64 KiB per second, whichever is
+        longer. For gRPC and Connect streaming clients; browsers use CreateUpload.
         """
         return await self.execute_client_stream(
             request=request,
@@ -514,8 +516,9 @@ class FileServiceSync(Protocol):
         apply, and the same limit on calls in progress, which an Upload joins
         when its first chunk with bytes arrives. Fails with `deadline_exceeded`
         when no chunk with bytes arrives within 15 seconds of the metadata or of
-        the previous chunk. For gRPC and Connect streaming clients; browsers use
-        CreateUpload.
+        the previous chunk, or when the stream has not ended within 30 seconds or
+        the time the maximum file size takes at 64 KiB per second, whichever is
+        longer. For gRPC and Connect streaming clients; browsers use CreateUpload.
         """
         raise ConnectError(Code.UNIMPLEMENTED, 'Not implemented')
 
@@ -769,8 +772,9 @@ class FileServiceClientSync(ConnectClientSync):
         apply, and the same limit on calls in progress, which an Upload joins
         when its first chunk with bytes arrives. Fails with `deadline_exceeded`
         when no chunk with bytes arrives within 15 seconds of the metadata or of
-        the previous chunk. For gRPC and Connect streaming clients; browsers use
-        CreateUpload.
+        the previous chunk, or when the stream has not ended within 30 seconds or
+        the time the maximum file size takes at 64 KiB per second, whichever is
+        longer. For gRPC and Connect streaming clients; browsers use CreateUpload.
         """
         return self.execute_client_stream(
             request=request,
