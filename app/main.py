@@ -45,7 +45,7 @@ from app.platform.ratelimit import RateLimitMiddleware
 from app.platform.reflection import reflection_apps
 from app.platform.storage import ObjectStorage, create_storage
 from app.settings import Settings
-from app.users.access import deleted_account_checker
+from app.users.access import deleted_account_checker, start_deletion_listener
 
 log = logging.getLogger(__name__)
 
@@ -282,6 +282,10 @@ def create_app(settings: Settings | None = None) -> Starlette:
             from app.notifications.fanout import start_fanout
 
             notification_fanout = await start_fanout(database, process_hub, listen_url=settings.database_listen_url)
+        # Deletions through other processes drop cached tokens here at once (Postgres only).
+        deletion_listener = await start_deletion_listener(
+            database, verifier.forget_user, verifier.forget_all, listen_url=settings.database_listen_url
+        )
         upload_sweeper = None
         if storage is not None and settings.events_relay_in_web:
             from app.files.events import UploadSweeper
@@ -294,6 +298,8 @@ def create_app(settings: Settings | None = None) -> Starlette:
         health.shutting_down.set()
         if notification_fanout is not None:
             await notification_fanout.stop()
+        if deletion_listener is not None:
+            await deletion_listener.stop()
         if upload_sweeper is not None:
             await upload_sweeper.stop()
         if settings.events_relay_in_web:

@@ -32,6 +32,7 @@ from app.platform.errors import (
 from app.platform.events import record_event
 from app.platform.firebase import FirebaseAdmin
 from app.users import store
+from app.users.access import announce_deletion
 from app.users.model import (
     DISPLAY_NAME_MAX_LENGTH,
     EMAIL_MAX_LENGTH,
@@ -135,6 +136,7 @@ async def delete_profile(
         )
         if await store.update_user(session, deleted, expected_version=current.version):
             await record_event(session, events_pb2.UserDeleted(uid=deleted.uid))
+            await announce_deletion(session, deleted.uid)
             log.info("deleted user profile", extra={"uid": deleted.uid})
             return deleted
         if etag:

@@ -177,6 +177,10 @@ class FirebaseTokenVerifier:
         self._remember(digest, principal, expires_at, now)
         return principal
 
+    def forget_all(self) -> None:
+        """Drop every cached token, so each next call is verified and checked again."""
+        self._cache.clear()
+
     def forget_user(self, uid: str) -> None:
         """Drop the cached tokens of a user, so their next call is verified and checked again."""
         for digest in [d for d, (principal, _, _) in self._cache.items() if principal.uid == uid]:
