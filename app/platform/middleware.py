@@ -429,7 +429,9 @@ class RequestBodyTimeoutMiddleware:
     as long as its connection stays open. Here a unary or server-streaming call's body must
     arrive within `timeout_seconds` of the call's start, and each message of a client stream
     within `timeout_seconds` of the previous one. A late body ends the call with
-    deadline_exceeded; once the body is complete, nothing is timed here.
+    deadline_exceeded. Once the body is complete or the reply has started, nothing is timed here,
+    and bidirectional streams (server reflection) are not timed at all: their clients send only
+    when they have something to ask, and the stream budget bounds them.
     """
 
     def __init__(self, app, timeout_seconds: float) -> None:
@@ -442,6 +444,9 @@ class RequestBodyTimeoutMiddleware:
             await self.app(scope, receive, send)
             return
         descriptor = method_descriptor(service, method)
+        if descriptor is not None and descriptor.client_streaming and descriptor.server_streaming:
+            await self.app(scope, receive, send)
+            return
         # A client stream's messages may come slowly; only the gaps between them are bounded.
         per_chunk = descriptor is not None and descriptor.client_streaming
         loop = asyncio.get_running_loop()
@@ -452,8 +457,11 @@ class RequestBodyTimeoutMiddleware:
 
         async def timed_receive():
             nonlocal body_complete, timed_out, body_deadline
-            if body_complete or timed_out:
-                return await receive() if not timed_out else {"type": "http.disconnect"}
+            if timed_out:
+                return {"type": "http.disconnect"}
+            if body_complete or replied:
+                # Once the reply started, a timeout could no longer send its error.
+                return await receive()
             if per_chunk:
                 body_deadline = loop.time() + self.timeout_seconds
             try:

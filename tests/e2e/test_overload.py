@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import json
+import queue
 import socket
 import time
 from collections.abc import Iterator
@@ -294,3 +295,24 @@ def test_open_stream_outlives_the_body_timeout(strict_server) -> None:
 
     assert response.status_code == 200
     assert b"SERVING" in first
+
+
+def test_reflection_stream_is_not_timed(strict_server) -> None:
+    """buf curl keeps its reflection stream open, silent, for as long as the call it makes lasts."""
+    # ServerReflectionRequest with list_services = "" (field 7), encoded by hand.
+    list_services = b"\x3a\x00"
+    requests: queue.Queue[bytes | None] = queue.Queue()
+    with grpc.insecure_channel(strict_server.address) as channel:
+        call = channel.stream_stream("/grpc.reflection.v1.ServerReflection/ServerReflectionInfo")(
+            iter(requests.get, None), timeout=10.0
+        )
+        requests.put(list_services)
+        first = next(call)
+        # Longer than the server's 1 s request body timeout.
+        time.sleep(2.0)
+        requests.put(list_services)
+        second = next(call)
+        requests.put(None)
+
+    assert b"functions.user.v1.UserService" in first
+    assert b"functions.user.v1.UserService" in second
