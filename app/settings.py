@@ -117,11 +117,11 @@ class Settings(BaseSettings):
     files_allowed_types: Annotated[list[str], NoDecode] = Field(
         default_factory=lambda: ["image/png", "image/jpeg", "image/gif", "image/webp", "application/pdf", "text/plain"]
     )
-    # How long signed upload and download URLs stay valid. Uploads not completed by then are removed.
-    # Upload and CompleteUpload calls that run at once per user and per process; each holds a
-    # whole file in memory, so these bound the memory uploads take.
+    # Upload and CompleteUpload calls that run at once per user and per process. Each keeps a
+    # whole file in memory, so these bound the memory that uploads take.
     files_max_concurrent_uploads_per_user: int = Field(default=2, ge=1)
     files_max_concurrent_uploads: int = Field(default=8, ge=1)
+    # How long signed upload and download URLs stay valid. Uploads not completed by then are removed.
     files_upload_url_ttl_seconds: int = Field(default=900, ge=10, le=7 * 24 * 3600)
     files_download_url_ttl_seconds: int = Field(default=300, ge=10, le=7 * 24 * 3600)
 

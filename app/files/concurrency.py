@@ -6,10 +6,10 @@ slot back when it ends. When no slot is free, the call fails at once with `resou
 instead of waiting, so a client cannot pile up buffered uploads in a queue. The counts are per
 process: each process of a deployment has its own slots.
 
-An Upload stream whose next chunk does not arrive within UPLOAD_CHUNK_IDLE_SECONDS, or that
-has not ended within max(UPLOAD_MIN_SECONDS, maximum file size / UPLOAD_MIN_BYTES_PER_SECOND),
-fails with `deadline_exceeded`, so neither a stalled nor a trickling client keeps its slot until
-the server's deadline.
+An Upload stream fails with `deadline_exceeded` when its next chunk does not arrive within
+UPLOAD_CHUNK_IDLE_SECONDS, or when it has not ended within max(UPLOAD_MIN_SECONDS, maximum file
+size / UPLOAD_MIN_BYTES_PER_SECOND). So neither a stalled nor a trickling client keeps its slot
+until the server's deadline.
 """
 
 from __future__ import annotations

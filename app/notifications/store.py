@@ -46,7 +46,8 @@ async def add_topic_notifications(
     """Insert a notification for every follower of `topic` and return them in id order.
 
     On Postgres the followers' advisory locks (see `add_notification`) are taken first, in the
-    order of their lock keys, so that two topic sends sharing followers cannot deadlock.
+    order of their lock keys. Two topic sends that share followers then take those locks in the
+    same order, so they cannot deadlock each other.
     """
     if session.get_bind().dialect.name == "postgresql":
         keys = select(func.hashtext(TopicFollowerRow.uid).label("key")).where(TopicFollowerRow.topic == topic).distinct()
@@ -150,8 +151,8 @@ async def get_notifications(session: AsyncSession, ids: Collection[int]) -> list
 async def lock_recipient(session: AsyncSession, uid: str) -> None:
     """Serialize the notifications of `uid` and their removal until the transaction ends.
 
-    On Postgres it is the lock that `add_notification` takes, so a send that checked the
-    recipient is not removed commits before a removal starts, or sees the removal.
+    On Postgres it is the lock that `add_notification` takes. So a send that found the recipient
+    not removed commits before a removal starts, or else finds the removal recorded.
     """
     await lock_for_writing(session, uid, NotificationRow)
 

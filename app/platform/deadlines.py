@@ -110,7 +110,7 @@ class DeadlineInterceptor:
     def seconds_for(self, ctx: RequestContext) -> float:
         """Return the seconds the call may run: the client's remaining time, else the default.
 
-        A client's deadline beyond max_seconds is cut to it, so that no caller holds a slot and
+        A client's deadline beyond max_seconds is cut to it, so that no caller keeps a slot and
         its buffers for hours.
         """
         client_ms = ctx.timeout_ms

@@ -28,7 +28,7 @@ from google.rpc import error_details_pb2
 from protobuf.wkt import Any as WireAny
 
 ERROR_DOMAIN = "functions"
-# Longest part of a received value that an error message quotes.
+# Maximum length of the part of a received value that an error message quotes.
 SHOWN_VALUE_MAX_LENGTH = 40
 
 

@@ -352,11 +352,11 @@ class AuthMiddleware:
 
 
 class BareRpcErrorMiddleware:
-    """Give connectrpc's bodiless 404, 405 and 415 replies to Connect calls an error body that says what to send.
+    """Add an error body to connectrpc's bodiless 404, 405 and 415 replies to Connect calls, naming what to send.
 
-    connectrpc answers an unknown method of a known service, a GET of a method with side
-    effects and an unsupported content type with a status and no body, which tells a curl user
-    nothing. The status and headers stay; the body becomes a Connect error naming the problem.
+    connectrpc replies to an unknown method of a known service, a GET of a method with side
+    effects and an unsupported content type with a status and no body, which leaves a curl user
+    guessing. The status and headers stay, and the body becomes a Connect error naming the problem.
     """
 
     def __init__(self, app) -> None:
@@ -410,10 +410,10 @@ def _bare_error(scope, status: int, service: str, method: str) -> tuple[Code, st
         return Code.UNIMPLEMENTED, f"{service}/{method} must be called with {allowed}: got {scope['method']}"
     sent = header(scope, b"content-type") or "no content-type"
     if _is_streaming(service, method):
-        wanted = "application/connect+json or application/connect+proto, with enveloped messages (a Connect streaming client)"
+        expected = "application/connect+json or application/connect+proto, with enveloped messages (a Connect streaming client)"
     else:
-        wanted = "application/json or application/proto"
-    return Code.INVALID_ARGUMENT, f"{service}/{method} takes content-type {wanted}: got {sent}"
+        expected = "application/json or application/proto"
+    return Code.INVALID_ARGUMENT, f"{service}/{method} takes content-type {expected}: got {sent}"
 
 
 def _is_streaming(service: str, method: str) -> bool:
@@ -469,7 +469,7 @@ class RequestBodyTimeoutMiddleware:
                     message = await receive()
             except TimeoutError:
                 timed_out = True
-                log.info("request body stalled; ending the call", extra={"rpc_method": scope["path"]})
+                log.info("request body timed out, so the call ends", extra={"rpc_method": scope["path"], "timeout_seconds": self.timeout_seconds})
                 if not replied:
                     await send_error(
                         scope, send, Code.DEADLINE_EXCEEDED,

@@ -204,7 +204,7 @@ class RateLimitMiddleware:
     """Reject calls over their method's rate limit, or over the caller's calls in progress, with resource_exhausted.
 
     Besides the rate, each caller (uid, else client IP) may have MAX_CALLS_PER_CALLER calls and
-    streams in progress at once in this process, so that no single caller holds the process's
+    streams in progress at once in this process, so that no single caller takes up the process's
     shared budgets (see app.platform.overload).
     """
 

@@ -77,8 +77,8 @@ async def start_deletion_listener(
 ) -> AccountDeletionListener | None:
     """Start an AccountDeletionListener on Postgres; return None where it does not apply.
 
-    SQLite runs one process, and LISTEN does not work through a transaction-mode pooler
-    without `listen_url`; there, other processes reject a deleted account's tokens within a minute.
+    SQLite runs one process, and LISTEN does not work through a transaction-mode pooler without
+    `listen_url`. In that case other processes reject a deleted account's tokens within a minute.
     """
     if database.engine.dialect.name != "postgresql" or (database.uses_pooler and not listen_url):
         return None

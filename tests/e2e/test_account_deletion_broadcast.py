@@ -40,7 +40,7 @@ async def who_am_i(server: RunningServer, token: str) -> auth_pb2.WhoAmIResponse
     return await call(Protocol.CONNECT_JSON, server.address, AUTH, "WhoAmI", auth_pb2.WhoAmIRequest(), auth_pb2.WhoAmIResponse, token=token)
 
 
-async def test_deletion_through_one_server_rejects_cached_token_on_other(two_servers, tokens: Tokens) -> None:
+async def test_deletion_rejects_cached_token_elsewhere(two_servers, tokens: Tokens) -> None:
     server_a, server_b = two_servers
     uid = f"broadcast-{secrets.token_hex(6)}"
     token = tokens.mint(uid)

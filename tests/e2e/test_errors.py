@@ -265,7 +265,7 @@ def test_delete_of_method_names_the_allowed_methods(server, tokens) -> None:
     assert response.json()["message"] == f"{USERS}/GetMe must be called with POST or GET: got DELETE"
 
 
-def test_get_of_method_with_side_effects_gets_an_error_body(server, tokens) -> None:
+def test_get_with_side_effects_rejected(server, tokens) -> None:
     response = httpx.get(
         f"{server.url}/{USERS}/UpdateMe?encoding=json&message=%7B%7D", headers={"authorization": f"Bearer {tokens.mint(new_uid('get'))}"}
     )

@@ -80,7 +80,7 @@ def test_dead_letter_is_listed_and_replayed(env) -> None:
         (["replay", "--consumer", "notifications.welcome", "--event-id", "e1"], "dead letter of event e1 for consumer"),
     ],
 )
-def test_bad_arguments_fail_with_a_message(env, arguments: list[str], message: str) -> None:
+def test_bad_arguments_rejected(env, arguments: list[str], message: str) -> None:
     result = run_app(env, "events", *arguments)
 
     assert result.returncode != 0

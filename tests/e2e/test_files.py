@@ -465,7 +465,7 @@ async def test_upload_url_cannot_replace_completed_file(deployment, protocol, to
     replaced = await put(created, b"other bytes\n" + b" " * (len(data) - 12))
     served = await fetch((await download_url(deployment, protocol, token, created.file.id)).url)
 
-    # The local adapter's upload gate answers 410 for a file that no longer takes uploads.
+    # Local replies 409 (the object exists) or 410 (its upload gate), and Supabase 400 with statusCode "409".
     assert replaced.status_code in (400, 409, 410)
     assert served.content == data
 
@@ -667,8 +667,8 @@ async def _crash_and_expire(deployment: Deployment, tokens: Tokens) -> dict[str,
     token = tokens.mint(new_uid())
     abandoned = await create_upload(deployment, protocol, token, TEXT, "text/plain", "abandoned.txt")
     await put(abandoned, TEXT)
-    kept = await upload_via_url(deployment, protocol, token, TEXT, "text/plain", "kept.txt")
-    expiring = await download_url(deployment, protocol, token, kept.id)
+    completed_file = await upload_via_url(deployment, protocol, token, TEXT, "text/plain", "completed_file.txt")
+    expiring = await download_url(deployment, protocol, token, completed_file.id)
     interrupted = await create_upload(deployment, protocol, token, TEXT, "text/plain", "interrupted.txt")
     await put(interrupted, TEXT)
     started = time.monotonic()
@@ -688,8 +688,8 @@ async def _crash_and_expire(deployment: Deployment, tokens: Tokens) -> dict[str,
         "abandoned_error": await rpc_error(
             deployment, protocol, "GetFile", file_pb2.GetFileRequest(file_id=abandoned.file.id), file_pb2.GetFileResponse, token
         ),
-        "keys": deployment.object_keys(kept.uid),
-        "kept": kept,
+        "keys": deployment.object_keys(completed_file.uid),
+        "completed_file": completed_file,
         "interrupted": interrupted.file,
     }
 
@@ -699,14 +699,14 @@ async def test_crash_then_complete_and_expiry(deployments, tokens: Tokens) -> No
     results = await asyncio.gather(*(_crash_and_expire(deployments[adapter], tokens) for adapter in ADAPTERS))
 
     for result in results:
-        kept, interrupted = result["kept"], result["interrupted"]
+        completed_file, interrupted = result["completed_file"], result["interrupted"]
         assert result["completed"].status == file_pb2.FILE_STATUS_READY
         assert 400 <= result["expired_download"].status_code < 500
         assert result["sweep"].returncode == 0, result["sweep"].stderr
         # The server's own sweeper may have removed the abandoned upload first.
         assert result["sweep"].stdout.startswith("removed ")
         assert result["abandoned_error"].code == "not_found"
-        assert result["keys"] == sorted([f"{kept.uid}/{kept.id}", f"{interrupted.uid}/{interrupted.id}"])
+        assert result["keys"] == sorted([f"{completed_file.uid}/{completed_file.id}", f"{interrupted.uid}/{interrupted.id}"])
 
 
 # Upload streams that stall.

@@ -333,7 +333,7 @@ async def test_notifications_through_pooler_fan_out_with_listen_url(pooler: Pool
     assert received == sent
 
 
-async def test_pooler_without_listen_url_warns_and_skips_fan_out(pooler: Pooler, caplog: pytest.LogCaptureFixture) -> None:
+async def test_pooler_without_listen_url_warns(pooler: Pooler, caplog: pytest.LogCaptureFixture) -> None:
     database = pooler_database(pooler.url(pooler_flag=True))
     try:
         with caplog.at_level(logging.WARNING):

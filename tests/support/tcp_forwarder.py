@@ -1,7 +1,7 @@
 """A TCP forwarder on a loopback port that a test can close and open again, to cut a dependency off.
 
-It runs in the test's event loop. While closed, connections to its port are refused, as when
-the dependency is down; open again, it forwards to the same target on the same port.
+It runs in the test's event loop. While it is closed, connections to its port are refused, as
+when the dependency is down. Opened again, it forwards to the same target on the same port.
 """
 
 from __future__ import annotations

@@ -35,7 +35,7 @@ def test_current_contracts_are_compatible(workspace: Path) -> None:
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-def test_a_removed_field_is_reported(workspace: Path) -> None:
+def test_breaking_reports_removed_field(workspace: Path) -> None:
     proto = workspace / "proto" / "functions" / "notification" / "v1" / "notification.proto"
     text = proto.read_text()
     assert text.count("  string body = 3;\n") == 1

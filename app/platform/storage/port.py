@@ -2,7 +2,7 @@
 
 Keys are chosen by the server (`<uid>/<file id>` and derived keys below it), never by users.
 Adapters raise the StorageError subclasses below and nothing else, so the files domain can map
-every storage failure to a Connect code; an adapter's own exceptions never reach a caller.
+every storage failure to a Connect code. An adapter's own exceptions never reach a caller.
 A key that breaks the key rules of app.platform.storage.keys raises InvalidKey, a StorageError
 that is also a ValueError.
 """
@@ -16,7 +16,7 @@ from typing import Protocol
 
 @dataclass(frozen=True, slots=True)
 class ObjectInfo:
-    """What the store knows of one object."""
+    """The size and content type the store records for one object."""
 
     key: str
     size: int
@@ -40,7 +40,7 @@ class ObjectRejected(StorageError):
 
 
 class StorageUnavailable(StorageError):
-    """The store did not answer, answered too late, or failed in a way a retry may fix."""
+    """The store did not reply, replied too late, or failed in a way a retry may fix."""
 
 
 class ObjectStorage(Protocol):
@@ -90,7 +90,7 @@ class ObjectStorage(Protocol):
 
         The PUT sends the bytes as the body with `content_type` as its Content-Type. It fails
         while an object exists under the key, so the URL cannot replace bytes that were already
-        uploaded and accepted; once they are deleted, the URL works again.
+        uploaded and accepted. Once they are deleted, the URL works again.
         """
         ...
 

@@ -105,17 +105,18 @@ async def test_without_revocation_check_every_domain_rejects_token(unchecked_use
     """Without AUTH_CHECK_REVOKED, Firebase is never asked; the deleted profile alone refuses the token."""
     await delete_me(unchecked_users_server, user.id_token)
 
-    refused = {}
+    rejections = {}
     for name, call_service in (("auth", who_am_i), ("users", get_me)):
         with pytest.raises(RpcError) as raised:
             await call_service(unchecked_users_server, user.id_token)
-        refused[name] = (raised.value.code, raised.value.reason)
+        rejections[name] = (raised.value.code, raised.value.reason)
 
-    assert refused == {"auth": ("unauthenticated", "ACCOUNT_DELETED"), "users": ("unauthenticated", "ACCOUNT_DELETED")}
+    assert rejections["auth"] == ("unauthenticated", "ACCOUNT_DELETED")
+    assert rejections["users"] == ("unauthenticated", "ACCOUNT_DELETED")
     assert auth_emulator.lookup(user.uid).get("disabled") is True
 
 
-async def test_firebase_outage_during_delete_me_is_retried_in_background(auth_emulator, tmp_path):
+async def test_disable_retried_after_firebase_outage(auth_emulator, tmp_path):
     """DeleteMe succeeds while Firebase is cut off; the UserDeleted consumer disables the account once it is back.
 
     The server has a database of its own: the relays of other servers on a shared database could

@@ -659,7 +659,7 @@ async def test_user_deleted_removes_objects_and_rows(database: Database, storage
     files, deleted, other = files_for(database, storage), new_principal(), new_principal()
     first = await completed(files, deleted, TEXT)
     pending = await uploaded(files, deleted, TEXT)
-    kept = await completed(files, other, TEXT)
+    other_file = await completed(files, other, TEXT)
     async with database.unit_of_work() as session:
         await record_event(session, events_pb2.UserDeleted(uid=deleted.uid))
 
@@ -671,7 +671,7 @@ async def test_user_deleted_removes_objects_and_rows(database: Database, storage
     assert rows == 0
     assert not await object_exists(storage, first.keys.original)
     assert not await object_exists(storage, pending.keys.original)
-    assert await object_exists(storage, kept.keys.original)
+    assert await object_exists(storage, other_file.keys.original)
 
 
 async def test_file_deleted_consumer_removes_leftover_objects(database: Database, storage: ObjectStorage) -> None:

@@ -57,7 +57,7 @@ async def test_signed_upload_url_cannot_replace_an_object(storage) -> None:
         after_delete = await client.put(url, content=b"uploaded again", headers={"content-type": "text/plain"})
 
     assert first.status_code == 200
-    # Local answers 409; Supabase answers 400 with statusCode "409" in the body.
+    # Local replies 409, and Supabase 400 with statusCode "409" in the body.
     assert second.status_code in (400, 409)
     assert "409" in second.text or second.status_code == 409
     assert after_delete.status_code == 200

@@ -61,8 +61,9 @@ class FileService(Protocol):
         Checks the uploaded bytes against the declared size, sha256 and content
         type, and accepts the file. Fails with `failed_precondition` when no bytes
         were uploaded yet, and with `invalid_argument` when they disagree with the
-        declaration; the bytes are then discarded and the upload URL can be used
-        again until it expires. Completing a completed file returns it unchanged.
+        declaration. In that case the bytes are discarded, so the upload URL can
+        take them again until it expires. Completing a completed file returns it
+        unchanged.
         Fails with `aborted` while another CompleteUpload of the same file runs on
         the same server, and with `resource_exhausted` at once when the caller or
         the server has too many Upload and CompleteUpload calls in progress.
@@ -76,9 +77,9 @@ class FileService(Protocol):
         apply, and the same limit on calls in progress, which an Upload joins
         when its first chunk with bytes arrives. Fails with `deadline_exceeded`
         when no chunk with bytes arrives within 15 seconds of the metadata or of
-        the previous chunk, or when the stream has not ended within 30 seconds or
-        the time the maximum file size takes at 64 KiB per second, whichever is
-        longer. For gRPC and Connect streaming clients; browsers use CreateUpload.
+        the previous chunk. It also fails so when the stream has not ended within
+        the longer of 30 seconds and the maximum file size at 64 KiB per second.
+        For gRPC and Connect streaming clients; browsers use CreateUpload.
         """
         raise ConnectError(Code.UNIMPLEMENTED, 'Not implemented')
 
@@ -302,8 +303,9 @@ class FileServiceClient(ConnectClient):
         Checks the uploaded bytes against the declared size, sha256 and content
         type, and accepts the file. Fails with `failed_precondition` when no bytes
         were uploaded yet, and with `invalid_argument` when they disagree with the
-        declaration; the bytes are then discarded and the upload URL can be used
-        again until it expires. Completing a completed file returns it unchanged.
+        declaration. In that case the bytes are discarded, so the upload URL can
+        take them again until it expires. Completing a completed file returns it
+        unchanged.
         Fails with `aborted` while another CompleteUpload of the same file runs on
         the same server, and with `resource_exhausted` at once when the caller or
         the server has too many Upload and CompleteUpload calls in progress.
@@ -334,9 +336,9 @@ class FileServiceClient(ConnectClient):
         apply, and the same limit on calls in progress, which an Upload joins
         when its first chunk with bytes arrives. Fails with `deadline_exceeded`
         when no chunk with bytes arrives within 15 seconds of the metadata or of
-        the previous chunk, or when the stream has not ended within 30 seconds or
-        the time the maximum file size takes at 64 KiB per second, whichever is
-        longer. For gRPC and Connect streaming clients; browsers use CreateUpload.
+        the previous chunk. It also fails so when the stream has not ended within
+        the longer of 30 seconds and the maximum file size at 64 KiB per second.
+        For gRPC and Connect streaming clients; browsers use CreateUpload.
         """
         return await self.execute_client_stream(
             request=request,
@@ -501,8 +503,9 @@ class FileServiceSync(Protocol):
         Checks the uploaded bytes against the declared size, sha256 and content
         type, and accepts the file. Fails with `failed_precondition` when no bytes
         were uploaded yet, and with `invalid_argument` when they disagree with the
-        declaration; the bytes are then discarded and the upload URL can be used
-        again until it expires. Completing a completed file returns it unchanged.
+        declaration. In that case the bytes are discarded, so the upload URL can
+        take them again until it expires. Completing a completed file returns it
+        unchanged.
         Fails with `aborted` while another CompleteUpload of the same file runs on
         the same server, and with `resource_exhausted` at once when the caller or
         the server has too many Upload and CompleteUpload calls in progress.
@@ -516,9 +519,9 @@ class FileServiceSync(Protocol):
         apply, and the same limit on calls in progress, which an Upload joins
         when its first chunk with bytes arrives. Fails with `deadline_exceeded`
         when no chunk with bytes arrives within 15 seconds of the metadata or of
-        the previous chunk, or when the stream has not ended within 30 seconds or
-        the time the maximum file size takes at 64 KiB per second, whichever is
-        longer. For gRPC and Connect streaming clients; browsers use CreateUpload.
+        the previous chunk. It also fails so when the stream has not ended within
+        the longer of 30 seconds and the maximum file size at 64 KiB per second.
+        For gRPC and Connect streaming clients; browsers use CreateUpload.
         """
         raise ConnectError(Code.UNIMPLEMENTED, 'Not implemented')
 
@@ -740,8 +743,9 @@ class FileServiceClientSync(ConnectClientSync):
         Checks the uploaded bytes against the declared size, sha256 and content
         type, and accepts the file. Fails with `failed_precondition` when no bytes
         were uploaded yet, and with `invalid_argument` when they disagree with the
-        declaration; the bytes are then discarded and the upload URL can be used
-        again until it expires. Completing a completed file returns it unchanged.
+        declaration. In that case the bytes are discarded, so the upload URL can
+        take them again until it expires. Completing a completed file returns it
+        unchanged.
         Fails with `aborted` while another CompleteUpload of the same file runs on
         the same server, and with `resource_exhausted` at once when the caller or
         the server has too many Upload and CompleteUpload calls in progress.
@@ -772,9 +776,9 @@ class FileServiceClientSync(ConnectClientSync):
         apply, and the same limit on calls in progress, which an Upload joins
         when its first chunk with bytes arrives. Fails with `deadline_exceeded`
         when no chunk with bytes arrives within 15 seconds of the metadata or of
-        the previous chunk, or when the stream has not ended within 30 seconds or
-        the time the maximum file size takes at 64 KiB per second, whichever is
-        longer. For gRPC and Connect streaming clients; browsers use CreateUpload.
+        the previous chunk. It also fails so when the stream has not ended within
+        the longer of 30 seconds and the maximum file size at 64 KiB per second.
+        For gRPC and Connect streaming clients; browsers use CreateUpload.
         """
         return self.execute_client_stream(
             request=request,
